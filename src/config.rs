@@ -1,0 +1,210 @@
+//! Configuration of `conclave serve`: every setting is a flag with an environment variable of
+//! the same meaning (DESIGN.md, "Interfaces that are fixed"), checked once at start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::store::StoreLocation;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "refusing to serve anonymous users on the non-loopback address {0}: set a JWT secret with \
+         --jwt-secret (CONCLAVE_JWT_SECRET), or pass --insecure-allow-anonymous to allow it knowingly"
+    )]
+    AnonymousOnPublicBind(SocketAddr),
+    #[error(
+        "--redis-url is set, but the Redis bus is not built yet (it lands with the cluster work); \
+         unset REDIS_URL to run a single node on the in-process bus"
+    )]
+    RedisNotYetSupported,
+    #[error(
+        "--jwt-secret is set, but token checking is not built yet (it lands with the security \
+         work); unset CONCLAVE_JWT_SECRET and bind to loopback"
+    )]
+    TokensNotYetSupported,
+    #[error("--anonymous=true needs a loopback bind or --insecure-allow-anonymous")]
+    AnonymousNeedsLoopback,
+}
+
+/// The settings of one node.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// The address to listen on.
+    #[arg(long, env = "CONCLAVE_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// Where the embedded SQLite store lives.
+    #[arg(long, env = "CONCLAVE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// A postgres:// URL selects PostgreSQL; unset, SQLite in the data dir.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Set: the Redis bus, and this node may join a cluster. Unset: the in-process bus.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// This node's id; a UUIDv7 is generated when unset.
+    #[arg(long, env = "CONCLAVE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// The secret that signs and checks tokens.
+    #[arg(long, env = "CONCLAVE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Whether anonymous users are let in. Default: yes while bound to loopback with no secret.
+    #[arg(long, env = "CONCLAVE_ANONYMOUS")]
+    pub anonymous: Option<bool>,
+
+    /// Allow anonymous access on a non-loopback bind. Only for trusted networks.
+    #[arg(long, env = "CONCLAVE_INSECURE_ALLOW_ANONYMOUS")]
+    pub insecure_allow_anonymous: bool,
+
+    /// Apply migrations at start-up.
+    #[arg(long, env = "CONCLAVE_AUTO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_migrate: bool,
+
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+/// Tuning and limits, each with a documented default (README, "Configuration").
+#[derive(Debug, Clone, clap::Args)]
+pub struct Limits {
+    /// Group commit: flush a session's batch at this many writes…
+    #[arg(long, env = "CONCLAVE_COMMIT_BATCH", default_value_t = 256)]
+    pub commit_batch: usize,
+
+    /// …or this many milliseconds after its first write.
+    #[arg(long, env = "CONCLAVE_COMMIT_WINDOW_MS", default_value_t = 2)]
+    pub commit_window_ms: u64,
+
+    /// Events each live session keeps in memory for fast replay; older ones come from the store.
+    #[arg(long, env = "CONCLAVE_EVENT_TAIL", default_value_t = 1024)]
+    pub event_tail: usize,
+
+    /// The shortest interval between two presence broadcasts of one session (50 ms: 20/s).
+    #[arg(long, env = "CONCLAVE_PRESENCE_INTERVAL_MS", default_value_t = 50)]
+    pub presence_interval_ms: u64,
+
+    /// A session with no subscribers flushes and stops after this many seconds.
+    #[arg(long, env = "CONCLAVE_IDLE_TIMEOUT_S", default_value_t = 60)]
+    pub idle_timeout_s: u64,
+
+    /// The largest frame a client may send.
+    #[arg(long, env = "CONCLAVE_MAX_FRAME_BYTES", default_value_t = 1 << 20)]
+    pub max_frame_bytes: usize,
+
+    /// Bytes queued for one slow client before it is dropped with close code 1013.
+    #[arg(long, env = "CONCLAVE_OUTBOUND_QUEUE_BYTES", default_value_t = 4 << 20)]
+    pub outbound_queue_bytes: usize,
+
+    /// Seconds a new socket has to send `hello`.
+    #[arg(long, env = "CONCLAVE_HELLO_TIMEOUT_S", default_value_t = 10)]
+    pub hello_timeout_s: u64,
+
+    /// Seconds of silence after which a socket is considered dead (pings go out at a third).
+    #[arg(long, env = "CONCLAVE_IDLE_SOCKET_TIMEOUT_S", default_value_t = 60)]
+    pub socket_timeout_s: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            commit_batch: 256,
+            commit_window_ms: 2,
+            event_tail: 1024,
+            presence_interval_ms: 50,
+            idle_timeout_s: 60,
+            max_frame_bytes: 1 << 20,
+            outbound_queue_bytes: 4 << 20,
+            hello_timeout_s: 10,
+            socket_timeout_s: 60,
+        }
+    }
+}
+
+impl Limits {
+    pub fn commit_window(&self) -> Duration {
+        Duration::from_millis(self.commit_window_ms)
+    }
+
+    pub fn presence_interval(&self) -> Duration {
+        Duration::from_millis(self.presence_interval_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_s)
+    }
+}
+
+impl ServeConfig {
+    /// A configuration with every default, for a node on `bind` storing under `data_dir`.
+    pub fn local(bind: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            bind,
+            data_dir,
+            database_url: None,
+            redis_url: None,
+            node_id: None,
+            jwt_secret: None,
+            anonymous: None,
+            insecure_allow_anonymous: false,
+            auto_migrate: true,
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn store_location(&self) -> StoreLocation {
+        match &self.database_url {
+            Some(url) => StoreLocation::Postgres(url.clone()),
+            None => StoreLocation::Sqlite(self.data_dir.join("conclave.sqlite3")),
+        }
+    }
+
+    /// Checks the settings against each other and decides who may connect.
+    pub fn access(&self) -> Result<AccessPolicy, ConfigError> {
+        if self.redis_url.is_some() {
+            return Err(ConfigError::RedisNotYetSupported);
+        }
+        if self.jwt_secret.is_some() {
+            return Err(ConfigError::TokensNotYetSupported);
+        }
+        let loopback = self.bind.ip().is_loopback();
+        let anonymous = match self.anonymous {
+            Some(false) => false,
+            Some(true) | None if loopback || self.insecure_allow_anonymous => true,
+            Some(true) => return Err(ConfigError::AnonymousNeedsLoopback),
+            None => return Err(ConfigError::AnonymousOnPublicBind(self.bind)),
+        };
+        Ok(AccessPolicy { anonymous })
+    }
+}
+
+/// Who may connect, decided once from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct AccessPolicy {
+    /// Anonymous users are let in as `editor`.
+    pub anonymous: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_public_bind_without_a_secret_is_refused_with_the_flag_named() {
+        let config = ServeConfig::local("0.0.0.0:8080".parse().unwrap(), "d".into());
+        let err = config.access().unwrap_err().to_string();
+        assert!(err.contains("--insecure-allow-anonymous"), "{err}");
+        let mut allowed = config.clone();
+        allowed.insecure_allow_anonymous = true;
+        assert!(allowed.access().unwrap().anonymous);
+        let loopback = ServeConfig::local("127.0.0.1:0".parse().unwrap(), "d".into());
+        assert!(loopback.access().unwrap().anonymous);
+    }
+}

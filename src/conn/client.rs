@@ -1,0 +1,341 @@
+//! `ClientConn`: one actor per user socket on `/v1/ws`.
+//!
+//! It runs on the HTTP worker's arbiter, where actix-ws's `!Send` message stream must be consumed,
+//! and owns the socket, the outbound queue and the set of sessions it joined. Frames are parsed
+//! into typed commands here, at the edge; sessions only ever see valid requests. A malformed
+//! frame gets an `error` and the socket stays open.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_ws::{AggregatedMessage, CloseCode, ProtocolError};
+use bytestring::ByteString;
+
+use super::outbound::{Outbound, Pushed};
+use crate::node::Node;
+use crate::protocol::frames::ServerFrame;
+use crate::protocol::{Command, ErrorCode, Refusal, SessionId, UserInfo, parse_request};
+use crate::session::{
+    ConnId, Deliver, Disconnect, FrameClass, Join, Leave, PostChat, Reply, SessionActor,
+    SetPresence,
+};
+use crate::telemetry;
+
+/// Oversized frames tolerated before the socket is closed with 1009.
+const OVERSIZE_STRIKES: u32 = 3;
+
+/// The actor behind one user socket.
+pub struct ClientConn {
+    id: ConnId,
+    node: Arc<Node>,
+    outbound: Outbound,
+    /// Who the client is, once it has said `hello`.
+    user: Option<UserInfo>,
+    /// Sessions joined, or being joined, with the actor that serves each.
+    joined: HashMap<SessionId, Addr<SessionActor>>,
+    last_heard: Instant,
+    oversize_strikes: u32,
+}
+
+impl ClientConn {
+    pub fn new(node: Arc<Node>, outbound: Outbound) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string().into(),
+            node,
+            outbound,
+            user: None,
+            joined: HashMap::new(),
+            last_heard: Instant::now(),
+            oversize_strikes: 0,
+        }
+    }
+
+    fn send_frame(&mut self, frame: ByteString, class: FrameClass, ctx: &mut Context<Self>) {
+        match self.outbound.push_text(frame, class) {
+            Pushed::Queued | Pushed::Shed => {}
+            Pushed::SlowConsumer => {
+                tracing::info!(conn = %self.id, queued = self.outbound.queued_bytes(), "slow consumer dropped");
+                telemetry::error(ErrorCode::RateLimited);
+                self.outbound.abort();
+                ctx.stop();
+            }
+            Pushed::Closed => ctx.stop(),
+        }
+    }
+
+    fn refuse(&mut self, reference: Option<&str>, refusal: &Refusal, ctx: &mut Context<Self>) {
+        telemetry::error(refusal.code);
+        let frame = ServerFrame::error(reference, refusal).encode();
+        self.send_frame(frame, FrameClass::Ordered, ctx);
+    }
+
+    /// Sends a last error and closes the socket with `code`.
+    fn close_with(&mut self, code: CloseCode, refusal: &Refusal, ctx: &mut Context<Self>) {
+        self.refuse(None, refusal, ctx);
+        self.outbound.close(code, &refusal.message);
+        ctx.stop();
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        telemetry::message_in();
+        if text.len() > self.node.limits.max_frame_bytes {
+            return self.on_oversize(ctx);
+        }
+        let request = match parse_request(text) {
+            Ok(request) => request,
+            Err(failure) => {
+                return self.refuse(failure.reference.as_deref(), &failure.refusal, ctx);
+            }
+        };
+        let reference = request.reference;
+        let (user, command) = match (&self.user, request.command) {
+            (None, Command::Hello { token, name }) => return self.on_hello(token, name, ctx),
+            (None, _) => {
+                let refusal =
+                    Refusal::new(ErrorCode::Unauthorized, "send hello before anything else");
+                return self.refuse(reference.as_deref(), &refusal, ctx);
+            }
+            (Some(_), Command::Hello { .. }) => {
+                let refusal = Refusal::bad_request("hello was already received");
+                return self.refuse(reference.as_deref(), &refusal, ctx);
+            }
+            (Some(user), command) => (user.clone(), command),
+        };
+        match command {
+            Command::Hello { .. } => {}
+            Command::Ping => self.send_frame(ServerFrame::Pong.encode(), FrameClass::Ordered, ctx),
+            Command::Join {
+                session,
+                since,
+                epoch,
+            } => self.join(user, session, since, epoch, reference, ctx),
+            Command::Leave { session } => match self.joined.remove(&session) {
+                Some(addr) => addr.do_send(Leave {
+                    conn: self.id.clone(),
+                    reply: Self::reply(reference, ctx),
+                }),
+                None => self.refuse(reference.as_deref(), &not_joined(&session), ctx),
+            },
+            Command::Chat { session, text } => {
+                if !user.role.may_write() {
+                    let refusal = Refusal::new(ErrorCode::Forbidden, "your role may not chat");
+                    return self.refuse(reference.as_deref(), &refusal, ctx);
+                }
+                let Some(addr) = self.joined.get(&session).cloned() else {
+                    return self.refuse(reference.as_deref(), &not_joined(&session), ctx);
+                };
+                let msg = PostChat {
+                    conn: Some(self.id.clone()),
+                    actor: user.actor(),
+                    text,
+                    reply: Self::reply(reference.clone(), ctx),
+                };
+                self.forward(addr, msg, reference, ctx);
+            }
+            Command::Presence { session, state } => {
+                let Some(addr) = self.joined.get(&session) else {
+                    return self.refuse(reference.as_deref(), &not_joined(&session), ctx);
+                };
+                let state = match serde_json::value::to_raw_value(&state) {
+                    Ok(state) => state,
+                    Err(err) => {
+                        let refusal = Refusal::bad_request(format!("presence state: {err}"));
+                        return self.refuse(reference.as_deref(), &refusal, ctx);
+                    }
+                };
+                addr.do_send(SetPresence {
+                    conn: self.id.clone(),
+                    state,
+                    outbox: ctx.address().recipient(),
+                });
+            }
+        }
+    }
+
+    fn on_hello(&mut self, token: Option<String>, name: Option<String>, ctx: &mut Context<Self>) {
+        // Tokens are checked once token support lands; until then only anonymous access
+        // exists, and a presented token grants nothing beyond it.
+        let _ = token;
+        match self.node.authenticate(name.as_deref()) {
+            Ok(user) => {
+                let frame = ServerFrame::Welcome {
+                    conn: &self.id,
+                    user: &user,
+                    node: &self.node.id,
+                    protocol: 1,
+                }
+                .encode();
+                self.user = Some(user);
+                self.send_frame(frame, FrameClass::Ordered, ctx);
+            }
+            Err(refusal) => self.refuse(None, &refusal, ctx),
+        }
+    }
+
+    fn join(
+        &mut self,
+        user: UserInfo,
+        session: SessionId,
+        since: Option<u64>,
+        epoch: Option<String>,
+        reference: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let addr = self.node.registry.activate(&session);
+        // Recorded before the session answers, so that a chat sent right after `joined` always
+        // finds its route; a refused join removes it again.
+        self.joined.insert(session.clone(), addr.clone());
+        let msg = Join {
+            conn: self.id.clone(),
+            user,
+            outbox: ctx.address().recipient(),
+            reference: reference.clone(),
+            since,
+            epoch,
+        };
+        addr.send(msg)
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                let refusal = match result {
+                    Ok(Ok(())) => return,
+                    Ok(Err(refusal)) => refusal,
+                    Err(_) => Refusal::session_unavailable(),
+                };
+                act.joined.remove(&session);
+                act.refuse(reference.as_deref(), &refusal, ctx);
+            })
+            .spawn(ctx);
+    }
+
+    /// Sends a request to its session; if the session is gone, the client hears so.
+    fn forward<M>(
+        &mut self,
+        addr: Addr<SessionActor>,
+        msg: M,
+        reference: Option<String>,
+        ctx: &mut Context<Self>,
+    ) where
+        M: Message<Result = ()> + Send + 'static,
+        SessionActor: Handler<M>,
+    {
+        addr.send(msg)
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                if result.is_err() {
+                    act.refuse(reference.as_deref(), &Refusal::session_unavailable(), ctx);
+                }
+            })
+            .spawn(ctx);
+    }
+
+    fn reply(reference: Option<String>, ctx: &Context<Self>) -> Reply {
+        Reply::Conn {
+            outbox: ctx.address().recipient(),
+            reference,
+        }
+    }
+
+    fn on_oversize(&mut self, ctx: &mut Context<Self>) {
+        self.oversize_strikes += 1;
+        let refusal = Refusal::new(
+            ErrorCode::TooLarge,
+            format!(
+                "frame exceeds the limit of {} bytes",
+                self.node.limits.max_frame_bytes
+            ),
+        );
+        if self.oversize_strikes >= OVERSIZE_STRIKES {
+            self.close_with(CloseCode::Size, &refusal, ctx);
+        } else {
+            self.refuse(None, &refusal, ctx);
+        }
+    }
+
+    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        let timeout = Duration::from_secs(self.node.limits.socket_timeout_s);
+        if self.last_heard.elapsed() > timeout {
+            tracing::debug!(conn = %self.id, "socket timed out");
+            self.outbound
+                .close(CloseCode::Away, "no traffic within the socket timeout");
+            ctx.stop();
+        } else {
+            self.outbound.ping();
+        }
+    }
+}
+
+impl Actor for ClientConn {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        telemetry::connection_opened("user");
+        let hello_timeout = Duration::from_secs(self.node.limits.hello_timeout_s);
+        ctx.run_later(hello_timeout, move |act, ctx| {
+            if act.user.is_none() {
+                let refusal = Refusal::new(
+                    ErrorCode::Unauthorized,
+                    format!("no hello within {}s", hello_timeout.as_secs()),
+                );
+                act.close_with(CloseCode::Policy, &refusal, ctx);
+            }
+        });
+        let ping_every = Duration::from_secs((self.node.limits.socket_timeout_s / 3).max(1));
+        ctx.run_interval(ping_every, |act, ctx| act.heartbeat(ctx));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        telemetry::connection_closed("user");
+        for addr in self.joined.values() {
+            addr.do_send(Disconnect {
+                conn: self.id.clone(),
+            });
+        }
+    }
+}
+
+impl Handler<Deliver> for ClientConn {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
+        self.send_frame(msg.frame, msg.class, ctx);
+    }
+}
+
+impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for ClientConn {
+    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
+        self.last_heard = Instant::now();
+        match item {
+            Ok(AggregatedMessage::Text(text)) => self.on_text(&text, ctx),
+            Ok(AggregatedMessage::Binary(_)) => {
+                let refusal = Refusal::bad_request("binary frames are not part of protocol v1");
+                self.refuse(None, &refusal, ctx);
+            }
+            Ok(AggregatedMessage::Ping(_) | AggregatedMessage::Pong(_)) => {}
+            Ok(AggregatedMessage::Close(_)) => {
+                self.outbound.close(CloseCode::Normal, "bye");
+                ctx.stop();
+            }
+            Err(ProtocolError::Overflow) => {
+                // The codec cannot skip a frame it refused to buffer, so this one ends the socket.
+                let refusal =
+                    Refusal::new(ErrorCode::TooLarge, "frame exceeds the hard size limit");
+                self.close_with(CloseCode::Size, &refusal, ctx);
+            }
+            Err(err) => {
+                tracing::debug!(conn = %self.id, %err, "websocket protocol error");
+                let refusal = Refusal::bad_request(format!("websocket protocol error: {err}"));
+                self.close_with(CloseCode::Protocol, &refusal, ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+fn not_joined(session: &SessionId) -> Refusal {
+    Refusal::bad_request(format!("join session {session} before sending to it"))
+}

@@ -1,0 +1,121 @@
+//! The HTTP surface: the socket upgrades, REST under `/v1`, health, metrics, the OpenAPI document
+//! with its reference page, and the bundled web page.
+
+mod rest;
+mod web_page;
+
+use std::sync::Arc;
+
+use actix::{Actor, AsyncContext};
+use actix_web::{HttpRequest, HttpResponse, get, web};
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::conn::{ClientConn, Outbound};
+use crate::node::Node;
+
+/// The OpenAPI document of the REST surface.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Conclave",
+        description = "Real-time collaboration for people and AI agents. \
+        The sockets (/v1/ws, /v1/yjs, /v1/workers) are described in PROTOCOL.md."
+    ),
+    paths(
+        rest::create_session,
+        rest::list_sessions,
+        rest::get_session,
+        rest::delete_session,
+        rest::list_events,
+        rest::post_message,
+        healthz,
+        readyz,
+    )
+)]
+pub struct ApiDoc;
+
+/// Registers every route on an actix-web app.
+pub fn configure(node: Arc<Node>) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        let json = web::JsonConfig::default()
+            .limit(node.limits.max_frame_bytes)
+            .error_handler(|err, _req| {
+                let refusal = crate::protocol::Refusal::bad_request(err.to_string());
+                rest::ApiError(refusal).into()
+            });
+        let query = web::QueryConfig::default().error_handler(|err, _req| {
+            let refusal = crate::protocol::Refusal::bad_request(err.to_string());
+            rest::ApiError(refusal).into()
+        });
+        cfg.app_data(web::Data::new(node))
+            .app_data(json)
+            .app_data(query)
+            .service(rest::create_session)
+            .service(rest::list_sessions)
+            .service(rest::get_session)
+            .service(rest::delete_session)
+            .service(rest::list_events)
+            .service(rest::post_message)
+            .service(healthz)
+            .service(readyz)
+            .service(metrics)
+            .route("/v1/ws", web::get().to(user_socket))
+            .service(web::redirect("/docs", "/docs/"))
+            .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", ApiDoc::openapi()))
+            .service(web_page::asset);
+    }
+}
+
+/// Upgrades to the native protocol socket. The connection actor starts on this worker's
+/// arbiter, which is where actix-ws's `!Send` stream has to be consumed.
+async fn user_socket(
+    req: HttpRequest,
+    body: web::Payload,
+    node: web::Data<Arc<Node>>,
+) -> actix_web::Result<HttpResponse> {
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let limits = &node.limits;
+    // The codec's hard cap sits above the protocol limit, so a frame a little too large is
+    // answered with `too_large` and the socket lives on; far larger ones end it.
+    let stream = stream
+        .max_frame_size(limits.max_frame_bytes.saturating_mul(4))
+        .aggregate_continuations()
+        .max_continuation_size(limits.max_frame_bytes.saturating_mul(4));
+    let outbound = Outbound::start(session, limits.outbound_queue_bytes);
+    let node = node.get_ref().clone();
+    ClientConn::create(move |ctx| {
+        ctx.add_stream(stream);
+        ClientConn::new(node, outbound)
+    });
+    Ok(response)
+}
+
+/// Liveness: the process serves HTTP.
+#[utoipa::path(responses((status = 200, description = "alive")))]
+#[get("/healthz")]
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: the store answers.
+#[utoipa::path(responses((status = 200, description = "ready"), (status = 503, description = "the store is unreachable")))]
+#[get("/readyz")]
+async fn readyz(node: web::Data<Arc<Node>>) -> HttpResponse {
+    match node.store.ping().await {
+        Ok(()) => HttpResponse::Ok().json(serde_json::json!({
+            "status": "ready", "store": node.store.backend(), "node": node.id,
+        })),
+        Err(err) => HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "status": "unavailable", "store": node.store.backend(), "error": err.to_string(),
+        })),
+    }
+}
+
+/// Prometheus text exposition.
+#[get("/metrics")]
+async fn metrics() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(crate::telemetry::render())
+}

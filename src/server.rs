@@ -1,0 +1,144 @@
+//! Starting and stopping a node: the store, the session arbiters, the HTTP server, and the
+//! graceful shutdown that drains every session before the process exits.
+//!
+//! Shutdown is an explicit call, [`RunningServer::shutdown`], made by the binary on SIGTERM or
+//! Ctrl-C and by tests directly: stop accepting, flush every session, then stop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Arbiter, ArbiterHandle};
+use actix_web::{App, HttpServer};
+
+use crate::config::{ConfigError, ServeConfig};
+use crate::node::Node;
+use crate::session::{Drain, SessionDeps, SessionRegistry};
+use crate::store::{self, SharedStore, StoreError};
+
+/// How long shutdown waits for sessions to flush their last batch.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A node that is serving.
+pub struct RunningServer {
+    node: Arc<Node>,
+    addr: SocketAddr,
+    http: actix_web::dev::ServerHandle,
+    arbiters: Vec<Arbiter>,
+}
+
+/// Starts a node from its configuration. Must run inside an actix `System`.
+pub async fn start(config: ServeConfig) -> Result<RunningServer, ServerError> {
+    config.access()?;
+    let store = store::connect(&config.store_location()).await?;
+    start_with_store(config, store).await
+}
+
+/// Starts a node on a store built by the caller: tests wrap the real store to inject faults.
+pub async fn start_with_store(
+    config: ServeConfig,
+    store: SharedStore,
+) -> Result<RunningServer, ServerError> {
+    let access = config.access()?;
+    crate::telemetry::install();
+    if config.auto_migrate {
+        store.migrate().await?;
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
+    let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
+    let registry = SessionRegistry::new(
+        SessionDeps {
+            store: store.clone(),
+            limits: config.limits.clone(),
+        },
+        handles,
+    );
+    let node = Arc::new(Node {
+        id: config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        store,
+        registry,
+        access,
+        limits: config.limits.clone(),
+    });
+
+    let app_node = node.clone();
+    let server =
+        HttpServer::new(move || App::new().configure(crate::http::configure(app_node.clone())))
+            .workers(cores)
+            .disable_signals()
+            .shutdown_timeout(1)
+            .bind(config.bind)
+            .map_err(|source| ServerError::Bind {
+                addr: config.bind,
+                source,
+            })?;
+    let addr = server.addrs().first().copied().unwrap_or(config.bind);
+    let server = server.run();
+    let http = server.handle();
+    actix::spawn(async move {
+        if let Err(err) = server.await {
+            tracing::error!(%err, "http server failed");
+        }
+    });
+    tracing::info!(%addr, node = %node.id, store = node.store.backend(), "conclave is serving");
+    Ok(RunningServer {
+        node,
+        addr,
+        http,
+        arbiters,
+    })
+}
+
+impl RunningServer {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Stops accepting connections, flushes every session, then stops the server.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down: no new connections; flushing sessions");
+        self.http.pause().await;
+        let drains = self
+            .node
+            .registry
+            .all_live()
+            .into_iter()
+            .map(|addr| async move {
+                let _ = addr.send(Drain).await;
+            });
+        if tokio::time::timeout(DRAIN_TIMEOUT, futures_util::future::join_all(drains))
+            .await
+            .is_err()
+        {
+            tracing::warn!("some sessions did not flush within {DRAIN_TIMEOUT:?}");
+        }
+        self.http.stop(false).await;
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+        tracing::info!("shutdown complete");
+    }
+}

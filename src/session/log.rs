@@ -1,0 +1,107 @@
+//! The session event log's record: one ordered, durable event with a gap-free offset.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+/// Who caused an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Actor {
+    pub id: String,
+    pub name: String,
+}
+
+/// The kinds of event a session log holds. Stored and sent by their dotted names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum EventKind {
+    #[serde(rename = "chat")]
+    Chat,
+    #[serde(rename = "member.joined")]
+    MemberJoined,
+    #[serde(rename = "member.left")]
+    MemberLeft,
+}
+
+impl EventKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::MemberJoined => "member.joined",
+            Self::MemberLeft => "member.left",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "chat" => Self::Chat,
+            "member.joined" => Self::MemberJoined,
+            "member.left" => Self::MemberLeft,
+            _ => return None,
+        })
+    }
+}
+
+/// One committed event. `data` is kept as the JSON text it was stored with: the log never looks
+/// inside it, and serving it needs no re-encoding.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Event {
+    pub offset: u64,
+    pub kind: EventKind,
+    pub actor: Actor,
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: DateTime<Utc>,
+    #[schema(value_type = Object)]
+    pub data: Box<RawValue>,
+}
+
+/// An event before the log has given it an offset.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: EventKind,
+    pub actor: Actor,
+    pub at: DateTime<Utc>,
+    pub data: Box<RawValue>,
+}
+
+impl NewEvent {
+    /// Builds an event whose data is a typed payload, encoded once here.
+    pub fn new(kind: EventKind, actor: Actor, data: &impl Serialize) -> Self {
+        let data = serde_json::value::to_raw_value(data).unwrap_or_else(|err| {
+            tracing::error!(%err, "event data failed to serialize");
+            RawValue::NULL.to_owned()
+        });
+        Self {
+            kind,
+            actor,
+            at: Utc::now(),
+            data,
+        }
+    }
+
+    pub fn at_offset(self, offset: u64) -> Event {
+        Event {
+            offset,
+            kind: self.kind,
+            actor: self.actor,
+            at: self.at,
+            data: self.data,
+        }
+    }
+}
+
+fn rfc3339<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&at.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+/// `data` of a `chat` event.
+#[derive(Debug, Serialize)]
+pub struct ChatData<'a> {
+    pub text: &'a str,
+}
+
+/// `data` of `member.joined` and `member.left`.
+#[derive(Debug, Serialize)]
+pub struct MemberData<'a> {
+    pub user: &'a crate::protocol::UserInfo,
+}

@@ -1,0 +1,175 @@
+//! The typed messages a [`SessionActor`](super::SessionActor) accepts, and the frames it sends
+//! back to connections.
+//!
+//! Replies to socket clients go through the connection's outbox, the same channel as broadcasts,
+//! so a client sees its `ack` and every later change in the session's commit order. REST callers
+//! get theirs on a oneshot channel instead; [`Reply`] hides the difference.
+
+use std::sync::Arc;
+
+use actix::{Message, Recipient};
+use bytestring::ByteString;
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
+use crate::protocol::frames::{DocSummary, ServerFrame};
+use crate::protocol::{Refusal, UserInfo};
+use crate::session::log::Actor;
+
+/// A connection's id, as sent in `welcome` and presence frames.
+pub type ConnId = Arc<str>;
+
+/// How urgent a frame is when a client falls behind: presence may be dropped, the rest may not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameClass {
+    /// Ordered frames: acks, events, joined, reset. Never dropped; a client that cannot keep up
+    /// with them is disconnected and resumes from its offset.
+    Ordered,
+    /// Presence: superseded by the next update, so shedding it under pressure loses nothing.
+    Presence,
+}
+
+/// One encoded frame for a connection to write to its socket.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Deliver {
+    /// The encoded frame; cloning shares the bytes, so a broadcast encodes once.
+    pub frame: ByteString,
+    pub class: FrameClass,
+}
+
+impl Deliver {
+    pub fn ordered(frame: ByteString) -> Self {
+        Self {
+            frame,
+            class: FrameClass::Ordered,
+        }
+    }
+}
+
+/// What a write request returns once committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// The offset of the event the request appended, if it appended one.
+    pub offset: Option<u64>,
+}
+
+/// Where the answer to one request goes.
+pub enum Reply {
+    /// A socket client: the answer is an `ack` or `error` frame with the request's `ref`.
+    Conn {
+        outbox: Recipient<Deliver>,
+        reference: Option<String>,
+    },
+    /// A REST handler awaiting the outcome.
+    Http(oneshot::Sender<Result<Committed, Refusal>>),
+}
+
+impl Reply {
+    /// A reply channel for a REST handler, and the receiver it awaits.
+    pub fn http() -> (Self, oneshot::Receiver<Result<Committed, Refusal>>) {
+        let (tx, rx) = oneshot::channel();
+        (Self::Http(tx), rx)
+    }
+
+    pub fn ok(self, committed: Committed) {
+        match self {
+            Self::Conn { outbox, reference } => outbox.do_send(Deliver::ordered(
+                ServerFrame::Ack {
+                    reference: reference.as_deref(),
+                    offset: committed.offset,
+                }
+                .encode(),
+            )),
+            Self::Http(tx) => {
+                // The handler may have given up (client gone); the commit stands regardless.
+                let _ = tx.send(Ok(committed));
+            }
+        }
+    }
+
+    pub fn refuse(self, refusal: Refusal) {
+        match self {
+            Self::Conn { outbox, reference } => outbox.do_send(Deliver::ordered(
+                ServerFrame::error(reference.as_deref(), &refusal).encode(),
+            )),
+            Self::Http(tx) => {
+                let _ = tx.send(Err(refusal));
+            }
+        }
+    }
+}
+
+/// A connection subscribes to the session. The `joined` frame, any replay and every later change
+/// arrive through `outbox`, in order. An `Err` means nothing was joined and nothing was sent.
+#[derive(Message)]
+#[rtype(result = "Result<(), Refusal>")]
+pub struct Join {
+    pub conn: ConnId,
+    pub user: UserInfo,
+    pub outbox: Recipient<Deliver>,
+    pub reference: Option<String>,
+    /// The last offset the client saw, for replay.
+    pub since: Option<u64>,
+    /// The epoch that offset belongs to.
+    pub epoch: Option<String>,
+}
+
+/// A connection unsubscribes; it gets an `ack`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave {
+    pub conn: ConnId,
+    pub reply: Reply,
+}
+
+/// A connection went away without leaving.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect {
+    pub conn: ConnId,
+}
+
+/// A chat message to append to the log. `conn` is `None` for REST, which needs no membership.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PostChat {
+    pub conn: Option<ConnId>,
+    pub actor: Actor,
+    pub text: String,
+    pub reply: Reply,
+}
+
+/// A connection's new presence state, broadcast coalesced.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetPresence {
+    pub conn: ConnId,
+    /// Opaque user data: relayed, never inspected.
+    pub state: Box<RawValue>,
+    /// Where to send an error if the connection has not joined.
+    pub outbox: Recipient<Deliver>,
+}
+
+/// The live view of a session for REST: who is here, and its documents.
+#[derive(Message)]
+#[rtype(result = "LiveView")]
+pub struct Inspect;
+
+/// What [`Inspect`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct LiveView {
+    pub members: Vec<UserInfo>,
+    pub docs: Vec<DocSummary>,
+}
+
+/// Resolves once every write the session has accepted is committed (or refused). Sent at
+/// shutdown, before the process exits.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+/// The session was archived: subscribers are told, and the actor stops.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Archive;

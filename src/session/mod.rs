@@ -1,0 +1,14 @@
+//! Live sessions: the [`SessionActor`] that owns each one, the messages it takes, its event log
+//! records and the node's registry of live sessions.
+
+mod actor;
+pub mod log;
+mod messages;
+mod registry;
+
+pub use actor::SessionActor;
+pub use messages::{
+    Archive, Committed, ConnId, Deliver, Disconnect, Drain, FrameClass, Inspect, Join, Leave,
+    LiveView, PostChat, Reply, SetPresence,
+};
+pub use registry::{SessionDeps, SessionRegistry};

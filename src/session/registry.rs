@@ -1,0 +1,110 @@
+//! The node's registry of live sessions: which [`SessionActor`] serves which session id, and on
+//! which arbiter it runs.
+//!
+//! Sessions are spread over one arbiter per core by a hash of their id, so that one busy session
+//! never stalls the others. The registry holds only addresses; an actor's state stays private to
+//! it. An actor removes itself when it passivates, guarded by a generation number so that a
+//! stale actor never removes its successor.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use actix::{Actor, Addr, ArbiterHandle};
+use dashmap::DashMap;
+
+use super::actor::SessionActor;
+use crate::config::Limits;
+use crate::protocol::SessionId;
+use crate::store::SharedStore;
+use crate::telemetry;
+
+/// What every session actor of a node shares.
+pub struct SessionDeps {
+    pub store: SharedStore,
+    pub limits: Limits,
+}
+
+struct LiveSession {
+    generation: u64,
+    addr: Addr<SessionActor>,
+}
+
+/// The live sessions of this node.
+pub struct SessionRegistry {
+    live: DashMap<SessionId, LiveSession>,
+    arbiters: Vec<ArbiterHandle>,
+    hasher: std::collections::hash_map::RandomState,
+    next_generation: AtomicU64,
+    deps: Arc<SessionDeps>,
+}
+
+impl SessionRegistry {
+    /// A registry that starts session actors on `arbiters` (at least one).
+    pub fn new(deps: SessionDeps, arbiters: Vec<ArbiterHandle>) -> Arc<Self> {
+        Arc::new(Self {
+            live: DashMap::new(),
+            arbiters,
+            hasher: Default::default(),
+            next_generation: AtomicU64::new(1),
+            deps: Arc::new(deps),
+        })
+    }
+
+    pub fn deps(&self) -> &SessionDeps {
+        &self.deps
+    }
+
+    /// The live actor of a session, starting (and loading) one if there is none. The session is
+    /// created in the store if it does not exist.
+    pub fn activate(self: &Arc<Self>, id: &SessionId) -> Addr<SessionActor> {
+        if let Some(live) = self.live.get(id) {
+            return live.addr.clone();
+        }
+        self.live
+            .entry(id.clone())
+            .or_insert_with(|| {
+                let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+                let arbiter = self.arbiter_for(id);
+                let registry = Arc::clone(self);
+                let session = id.clone();
+                let addr = SessionActor::start_in_arbiter(arbiter, move |_| {
+                    SessionActor::new(session, generation, registry)
+                });
+                telemetry::session_activated();
+                LiveSession { generation, addr }
+            })
+            .addr
+            .clone()
+    }
+
+    /// The live actor of a session, if it has one.
+    pub fn live(&self, id: &SessionId) -> Option<Addr<SessionActor>> {
+        self.live.get(id).map(|live| live.addr.clone())
+    }
+
+    /// Every live session's actor, for draining at shutdown.
+    pub fn all_live(&self) -> Vec<Addr<SessionActor>> {
+        self.live.iter().map(|entry| entry.addr.clone()).collect()
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Removes a session's entry if it still belongs to the actor of `generation`.
+    pub(super) fn retire(&self, id: &SessionId, generation: u64) {
+        if self
+            .live
+            .remove_if(id, |_, live| live.generation == generation)
+            .is_some()
+        {
+            telemetry::session_retired();
+        }
+    }
+
+    fn arbiter_for(&self, id: &SessionId) -> &ArbiterHandle {
+        let index = (self.hasher.hash_one(id) % self.arbiters.len() as u64) as usize;
+        &self.arbiters[index]
+    }
+}

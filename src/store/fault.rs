@@ -1,0 +1,124 @@
+//! Store fault injection for tests (the `fault-injection` feature, never in release builds).
+//!
+//! [`FaultyStore`] wraps a real store and fails its commits on demand, so tests can prove that a
+//! failed commit acks nothing and leaves no gap. Reads always pass through.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use async_trait::async_trait;
+
+use super::{SessionRecord, SharedStore, Store, StoreError};
+use crate::protocol::SessionId;
+use crate::session::log::Event;
+
+/// The switch a test holds to fail the wrapped store's writes.
+#[derive(Default)]
+pub struct FaultSwitch {
+    fail_next_commits: AtomicU32,
+    fail_all_writes: AtomicBool,
+}
+
+impl FaultSwitch {
+    /// Fails the next `n` event commits.
+    pub fn fail_next_commits(&self, n: u32) {
+        self.fail_next_commits.store(n, Ordering::SeqCst);
+    }
+
+    /// Fails every write, and pings, until switched off: a store outage.
+    pub fn set_outage(&self, down: bool) {
+        self.fail_all_writes.store(down, Ordering::SeqCst);
+    }
+
+    fn check_write(&self) -> Result<(), StoreError> {
+        if self.fail_all_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Injected);
+        }
+        let took = self
+            .fail_next_commits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        match took {
+            Ok(_) => Err(StoreError::Injected),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// A real store whose writes fail when its [`FaultSwitch`] says so.
+pub struct FaultyStore {
+    inner: SharedStore,
+    switch: Arc<FaultSwitch>,
+}
+
+impl FaultyStore {
+    pub fn wrap(inner: SharedStore) -> (Arc<Self>, Arc<FaultSwitch>) {
+        let switch = Arc::new(FaultSwitch::default());
+        (
+            Arc::new(Self {
+                inner,
+                switch: switch.clone(),
+            }),
+            switch,
+        )
+    }
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        self.inner.migrate().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        if self.switch.fail_all_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Injected);
+        }
+        self.inner.ping().await
+    }
+
+    async fn create_session(
+        &self,
+        id: &SessionId,
+        title: &str,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        self.inner.create_session(id, title).await
+    }
+
+    async fn open_session(&self, id: &SessionId) -> Result<SessionRecord, StoreError> {
+        self.inner.open_session(id).await
+    }
+
+    async fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, StoreError> {
+        self.inner.session(id).await
+    }
+
+    async fn list_sessions(
+        &self,
+        after: Option<&SessionId>,
+        limit: u32,
+    ) -> Result<Vec<SessionRecord>, StoreError> {
+        self.inner.list_sessions(after, limit).await
+    }
+
+    async fn archive_session(&self, id: &SessionId) -> Result<bool, StoreError> {
+        self.inner.archive_session(id).await
+    }
+
+    async fn append_events(&self, id: &SessionId, events: &[Event]) -> Result<(), StoreError> {
+        self.switch.check_write()?;
+        self.inner.append_events(id, events).await
+    }
+
+    async fn events_after(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.inner.events_after(id, after, limit).await
+    }
+}

@@ -1,0 +1,115 @@
+//! Durable state behind one [`Store`] trait, with a SQLite and a PostgreSQL implementation.
+//!
+//! The store is the source of truth: an ack is sent only after the store has committed. Both
+//! backends share their SQL (see [`sql`]); each has its own migration folder, because their
+//! DDL will diverge as features land (queue claims, ownership leases).
+
+mod sql;
+
+#[cfg(feature = "fault-injection")]
+pub mod fault;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::protocol::SessionId;
+use crate::session::log::Event;
+
+pub use sql::{PgStore, SqliteStore};
+
+/// Errors of the storage layer. Callers map any of them to `storage_unavailable`, except where
+/// a variant says otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[cfg(feature = "fault-injection")]
+    #[error("injected fault")]
+    Injected,
+}
+
+/// A session's durable record, with the offset of its last committed event.
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    pub title: String,
+    /// Names one unbroken history of the log; see PROTOCOL.md.
+    pub epoch: String,
+    pub created_at: DateTime<Utc>,
+    pub archived: bool,
+    /// The offset of the last committed event; 0 for an empty log.
+    pub offset: u64,
+}
+
+/// The storage operations Conclave needs. Every method is one short transaction or query.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`, for logs and metrics.
+    fn backend(&self) -> &'static str;
+
+    /// Applies the backend's migrations.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Checks that the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Creates a session. `None` if one with this id exists already.
+    async fn create_session(
+        &self,
+        id: &SessionId,
+        title: &str,
+    ) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Loads a session, creating it first if it does not exist.
+    async fn open_session(&self, id: &SessionId) -> Result<SessionRecord, StoreError>;
+
+    /// Loads a session without creating it.
+    async fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Lists unarchived sessions ordered by id, starting after `after`.
+    async fn list_sessions(
+        &self,
+        after: Option<&SessionId>,
+        limit: u32,
+    ) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// Marks a session archived. `false` if there was no such live session.
+    async fn archive_session(&self, id: &SessionId) -> Result<bool, StoreError>;
+
+    /// Appends a batch of events in one transaction: all of them or none.
+    async fn append_events(&self, id: &SessionId, events: &[Event]) -> Result<(), StoreError>;
+
+    /// Up to `limit` events with offsets above `after`, in order.
+    async fn events_after(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError>;
+}
+
+/// A shared handle to the node's store.
+pub type SharedStore = Arc<dyn Store>;
+
+/// Where the store lives, as chosen by configuration.
+#[derive(Debug, Clone)]
+pub enum StoreLocation {
+    /// `postgres://…`
+    Postgres(String),
+    /// A SQLite file, created if missing.
+    Sqlite(std::path::PathBuf),
+}
+
+/// Connects to the configured store. Migrations are applied by the caller.
+pub async fn connect(location: &StoreLocation) -> Result<SharedStore, StoreError> {
+    Ok(match location {
+        StoreLocation::Postgres(url) => Arc::new(PgStore::connect(url).await?),
+        StoreLocation::Sqlite(path) => Arc::new(SqliteStore::connect(path).await?),
+    })
+}

@@ -1,0 +1,77 @@
+//! Metrics: one place that names every series, installs the Prometheus recorder once per process
+//! and renders `/metrics`.
+//!
+//! Call sites use the small functions here rather than the `metrics` macros, so a series' name
+//! and labels are written once.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::protocol::ErrorCode;
+
+static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder (idempotent: tests start many servers in one process).
+pub fn install() {
+    RECORDER.get_or_init(|| {
+        let buckets = [
+            0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0,
+        ];
+        let built = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+            .and_then(|builder| builder.install_recorder());
+        match built {
+            Ok(handle) => Some(handle),
+            Err(err) => {
+                tracing::error!(%err, "metrics recorder could not be installed; /metrics is empty");
+                None
+            }
+        }
+    });
+}
+
+/// The Prometheus text exposition of every series.
+pub fn render() -> String {
+    RECORDER
+        .get()
+        .and_then(Option::as_ref)
+        .map(PrometheusHandle::render)
+        .unwrap_or_default()
+}
+
+pub fn connection_opened(kind: &'static str) {
+    gauge!("conclave_connections", "kind" => kind).increment(1.0);
+    counter!("conclave_connections_total", "kind" => kind).increment(1);
+}
+
+pub fn connection_closed(kind: &'static str) {
+    gauge!("conclave_connections", "kind" => kind).decrement(1.0);
+}
+
+pub fn session_activated() {
+    gauge!("conclave_sessions_live").increment(1.0);
+}
+
+pub fn session_retired() {
+    gauge!("conclave_sessions_live").decrement(1.0);
+}
+
+pub fn message_in() {
+    counter!("conclave_messages_in_total").increment(1);
+}
+
+pub fn messages_out(n: usize) {
+    counter!("conclave_messages_out_total").increment(n as u64);
+}
+
+pub fn error(code: ErrorCode) {
+    counter!("conclave_errors_total", "code" => code.as_str()).increment(1);
+}
+
+pub fn commit_latency(backend: &'static str, took: Duration, events: usize) {
+    histogram!("conclave_commit_seconds", "backend" => backend).record(took.as_secs_f64());
+    counter!("conclave_committed_events_total", "backend" => backend).increment(events as u64);
+}
