@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::Authenticator;
 use crate::store::StoreLocation;
 
 /// Why a configuration was refused.
@@ -20,13 +21,10 @@ pub enum ConfigError {
          unset REDIS_URL to run a single node on the in-process bus"
     )]
     RedisNotYetSupported,
-    #[error(
-        "--jwt-secret is set, but token checking is not built yet (it lands with the security \
-         work); unset CONCLAVE_JWT_SECRET and bind to loopback"
-    )]
-    TokensNotYetSupported,
     #[error("--anonymous=true needs a loopback bind or --insecure-allow-anonymous")]
     AnonymousNeedsLoopback,
+    #[error(transparent)]
+    Key(#[from] crate::auth::KeyError),
 }
 
 /// The settings of one node.
@@ -55,6 +53,10 @@ pub struct ServeConfig {
     /// The secret that signs and checks tokens.
     #[arg(long, env = "CONCLAVE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// An RSA public key (PEM) to check RS256 tokens with, instead of the HS256 secret.
+    #[arg(long, env = "CONCLAVE_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
 
     /// Whether anonymous users are let in. Default: yes while bound to loopback with no secret.
     #[arg(long, env = "CONCLAVE_ANONYMOUS")]
@@ -152,6 +154,7 @@ impl ServeConfig {
             redis_url: None,
             node_id: None,
             jwt_secret: None,
+            jwt_public_key: None,
             anonymous: None,
             insecure_allow_anonymous: false,
             auto_migrate: true,
@@ -166,30 +169,31 @@ impl ServeConfig {
         }
     }
 
-    /// Checks the settings against each other and decides who may connect.
-    pub fn access(&self) -> Result<AccessPolicy, ConfigError> {
+    /// Checks the settings against each other and builds the authenticator every door uses.
+    ///
+    /// Secure by default: anonymous users (as `editor`) are admitted only while bound to
+    /// loopback, unless `--insecure-allow-anonymous` says otherwise. With a secret or key,
+    /// anonymous access is off unless `--anonymous=true` turns it on.
+    pub fn authenticator(&self) -> Result<Authenticator, ConfigError> {
         if self.redis_url.is_some() {
             return Err(ConfigError::RedisNotYetSupported);
         }
-        if self.jwt_secret.is_some() {
-            return Err(ConfigError::TokensNotYetSupported);
-        }
-        let loopback = self.bind.ip().is_loopback();
+        let has_keys = self.jwt_secret.is_some() || self.jwt_public_key.is_some();
+        let may_be_anonymous = self.bind.ip().is_loopback() || self.insecure_allow_anonymous;
         let anonymous = match self.anonymous {
             Some(false) => false,
-            Some(true) | None if loopback || self.insecure_allow_anonymous => true,
+            Some(true) if may_be_anonymous => true,
             Some(true) => return Err(ConfigError::AnonymousNeedsLoopback),
+            None if has_keys => false,
+            None if may_be_anonymous => true,
             None => return Err(ConfigError::AnonymousOnPublicBind(self.bind)),
         };
-        Ok(AccessPolicy { anonymous })
+        Ok(Authenticator::new(
+            self.jwt_secret.as_deref(),
+            self.jwt_public_key.as_deref(),
+            anonymous,
+        )?)
     }
-}
-
-/// Who may connect, decided once from the configuration.
-#[derive(Debug, Clone, Copy)]
-pub struct AccessPolicy {
-    /// Anonymous users are let in as `editor`.
-    pub anonymous: bool,
 }
 
 #[cfg(test)]
@@ -199,12 +203,28 @@ mod tests {
     #[test]
     fn a_public_bind_without_a_secret_is_refused_with_the_flag_named() {
         let config = ServeConfig::local("0.0.0.0:8080".parse().unwrap(), "d".into());
-        let err = config.access().unwrap_err().to_string();
+        let err = config.authenticator().err().unwrap().to_string();
         assert!(err.contains("--insecure-allow-anonymous"), "{err}");
         let mut allowed = config.clone();
         allowed.insecure_allow_anonymous = true;
-        assert!(allowed.access().unwrap().anonymous);
+        assert!(
+            allowed
+                .authenticator()
+                .unwrap()
+                .authenticate(None, None)
+                .is_ok()
+        );
+        let mut with_secret = config.clone();
+        with_secret.jwt_secret = Some("s".into());
+        let auth = with_secret.authenticator().unwrap();
+        assert!(auth.authenticate(None, None).is_err());
         let loopback = ServeConfig::local("127.0.0.1:0".parse().unwrap(), "d".into());
-        assert!(loopback.access().unwrap().anonymous);
+        assert!(
+            loopback
+                .authenticator()
+                .unwrap()
+                .authenticate(None, None)
+                .is_ok()
+        );
     }
 }

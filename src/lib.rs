@@ -3,6 +3,7 @@
 //! The crate is both the `conclave` binary and this library, which tests and benches use to start
 //! real nodes. See `ARCHITECTURE.md` for the actors and where each guarantee is enforced.
 
+pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod http;

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use conclave::ServeConfig;
+use conclave::auth::{Authenticator, Claims};
+use conclave::protocol::Role;
 use conclave::store::{self, StoreLocation};
 use tracing_subscriber::EnvFilter;
 
@@ -34,9 +36,44 @@ enum Command {
         #[arg(long, env = "CONCLAVE_DATA_DIR", default_value = "./data")]
         data_dir: PathBuf,
     },
+    /// Print a JWT signed with the configured secret, on the last line.
+    Token {
+        /// The user (or worker) id: the `sub` claim.
+        #[arg(long)]
+        sub: String,
+        /// viewer, editor, agent or admin.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Session ids or prefixes ending in `*`, comma-separated. Omitted: every session.
+        #[arg(long, value_delimiter = ',')]
+        sessions: Option<Vec<String>>,
+        /// How long the token is valid, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// The display name.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, env = "CONCLAVE_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: String,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+fn parse_role(raw: &str) -> Result<Role, String> {
+    serde_json::from_value(serde_json::Value::String(raw.to_owned()))
+        .map_err(|_| format!("unknown role {raw:?}: use viewer, editor, agent or admin"))
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -53,6 +90,26 @@ fn main() -> anyhow::Result<()> {
             Some(url) => StoreLocation::Postgres(url),
             None => StoreLocation::Sqlite(data_dir.join("conclave.sqlite3")),
         }),
+        Some(Command::Token {
+            sub,
+            role,
+            sessions,
+            ttl,
+            name,
+            jwt_secret,
+        }) => {
+            let auth = Authenticator::new(Some(&jwt_secret), None, false)?;
+            let exp = chrono::Utc::now().timestamp().max(0) as u64 + ttl.as_secs();
+            let claims = Claims {
+                sub,
+                name,
+                role,
+                sessions,
+                exp,
+            };
+            println!("{}", auth.issue(&claims)?);
+            Ok(())
+        }
     }
 }
 

@@ -43,7 +43,7 @@ pub struct RunningServer {
 
 /// Starts a node from its configuration. Must run inside an actix `System`.
 pub async fn start(config: ServeConfig) -> Result<RunningServer, ServerError> {
-    config.access()?;
+    config.authenticator()?;
     let store = store::connect(&config.store_location()).await?;
     start_with_store(config, store).await
 }
@@ -53,7 +53,7 @@ pub async fn start_with_store(
     config: ServeConfig,
     store: SharedStore,
 ) -> Result<RunningServer, ServerError> {
-    let access = config.access()?;
+    let auth = config.authenticator()?;
     crate::telemetry::install();
     if config.auto_migrate {
         store.migrate().await?;
@@ -75,7 +75,7 @@ pub async fn start_with_store(
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         store,
         registry,
-        access,
+        auth,
         limits: config.limits.clone(),
     });
 

@@ -75,3 +75,7 @@ pub fn commit_latency(backend: &'static str, took: Duration, events: usize) {
     histogram!("conclave_commit_seconds", "backend" => backend).record(took.as_secs_f64());
     counter!("conclave_committed_events_total", "backend" => backend).increment(events as u64);
 }
+
+pub fn auth_failure(door: &'static str, reason: &'static str) {
+    counter!("conclave_auth_failures_total", "door" => door, "reason" => reason).increment(1);
+}

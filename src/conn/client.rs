@@ -14,9 +14,10 @@ use actix_ws::{AggregatedMessage, CloseCode, ProtocolError};
 use bytestring::ByteString;
 
 use super::outbound::{Outbound, Pushed};
+use crate::auth::Principal;
 use crate::node::Node;
 use crate::protocol::frames::ServerFrame;
-use crate::protocol::{Command, ErrorCode, Refusal, SessionId, UserInfo, parse_request};
+use crate::protocol::{Command, ErrorCode, Refusal, SessionId, parse_request};
 use crate::session::{
     ConnId, Deliver, Disconnect, FrameClass, Join, Leave, PostChat, Reply, SessionActor,
     SetPresence,
@@ -32,7 +33,7 @@ pub struct ClientConn {
     node: Arc<Node>,
     outbound: Outbound,
     /// Who the client is, once it has said `hello`.
-    user: Option<UserInfo>,
+    principal: Option<Principal>,
     /// Sessions joined, or being joined, with the actor that serves each.
     joined: HashMap<SessionId, Addr<SessionActor>>,
     last_heard: Instant,
@@ -45,7 +46,7 @@ impl ClientConn {
             id: uuid::Uuid::now_v7().to_string().into(),
             node,
             outbound,
-            user: None,
+            principal: None,
             joined: HashMap::new(),
             last_heard: Instant::now(),
             oversize_strikes: 0,
@@ -90,7 +91,7 @@ impl ClientConn {
             }
         };
         let reference = request.reference;
-        let (user, command) = match (&self.user, request.command) {
+        let (principal, command) = match (&self.principal, request.command) {
             (None, Command::Hello { token, name }) => return self.on_hello(token, name, ctx),
             (None, _) => {
                 let refusal =
@@ -101,7 +102,7 @@ impl ClientConn {
                 let refusal = Refusal::bad_request("hello was already received");
                 return self.refuse(reference.as_deref(), &refusal, ctx);
             }
-            (Some(user), command) => (user.clone(), command),
+            (Some(principal), command) => (principal.clone(), command),
         };
         match command {
             Command::Hello { .. } => {}
@@ -110,7 +111,7 @@ impl ClientConn {
                 session,
                 since,
                 epoch,
-            } => self.join(user, session, since, epoch, reference, ctx),
+            } => self.join(principal, session, since, epoch, reference, ctx),
             Command::Leave { session } => match self.joined.remove(&session) {
                 Some(addr) => addr.do_send(Leave {
                     conn: self.id.clone(),
@@ -119,8 +120,7 @@ impl ClientConn {
                 None => self.refuse(reference.as_deref(), &not_joined(&session), ctx),
             },
             Command::Chat { session, text } => {
-                if !user.role.may_write() {
-                    let refusal = Refusal::new(ErrorCode::Forbidden, "your role may not chat");
+                if let Err(refusal) = principal.check_write() {
                     return self.refuse(reference.as_deref(), &refusal, ctx);
                 }
                 let Some(addr) = self.joined.get(&session).cloned() else {
@@ -128,7 +128,7 @@ impl ClientConn {
                 };
                 let msg = PostChat {
                     conn: Some(self.id.clone()),
-                    actor: user.actor(),
+                    actor: principal.user.actor(),
                     text,
                     reply: Self::reply(reference.clone(), ctx),
                 };
@@ -155,28 +155,83 @@ impl ClientConn {
     }
 
     fn on_hello(&mut self, token: Option<String>, name: Option<String>, ctx: &mut Context<Self>) {
-        // Tokens are checked once token support lands; until then only anonymous access
-        // exists, and a presented token grants nothing beyond it.
-        let _ = token;
-        match self.node.authenticate(name.as_deref()) {
-            Ok(user) => {
-                let frame = ServerFrame::Welcome {
-                    conn: &self.id,
-                    user: &user,
-                    node: &self.node.id,
-                    protocol: 1,
-                }
-                .encode();
-                self.user = Some(user);
-                self.send_frame(frame, FrameClass::Ordered, ctx);
-            }
-            Err(refusal) => self.refuse(None, &refusal, ctx),
+        let principal = match self
+            .node
+            .auth
+            .authenticate(token.as_deref(), name.as_deref())
+        {
+            Ok(principal) => principal,
+            Err(failure) => return self.refuse(None, &failure.refusal("ws"), ctx),
+        };
+        let frame = ServerFrame::Welcome {
+            conn: &self.id,
+            user: &principal.user,
+            node: &self.node.id,
+            protocol: 1,
         }
+        .encode();
+        if let Some(expires_at) = principal.expires_at {
+            // The token's end ends the connection: checked again when the timer fires, with
+            // the same leeway as at connect time.
+            let until = (expires_at - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default()
+                + Duration::from_secs(crate::auth::LEEWAY_S);
+            ctx.run_later(until, |act, ctx| {
+                if act.principal.as_ref().is_some_and(Principal::expired) {
+                    crate::telemetry::auth_failure("ws", "expired");
+                    let refusal = Refusal::new(ErrorCode::Unauthorized, "your token expired");
+                    act.close_with(CloseCode::Other(4401), &refusal, ctx);
+                }
+            });
+        }
+        self.principal = Some(principal);
+        self.send_frame(frame, FrameClass::Ordered, ctx);
     }
 
     fn join(
         &mut self,
-        user: UserInfo,
+        principal: Principal,
+        session: SessionId,
+        since: Option<u64>,
+        epoch: Option<String>,
+        reference: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Err(refusal) = principal.check_session(&session) {
+            return self.refuse(reference.as_deref(), &refusal, ctx);
+        }
+        let may_create =
+            principal.user.role.may_write() || self.node.registry.live(&session).is_some();
+        if !may_create {
+            // Joining creates a session only for those who may write; others may join only
+            // one that exists.
+            let store = self.node.store.clone();
+            let id = session.clone();
+            async move { store.session(&id).await }
+                .into_actor(self)
+                .map(move |found, act, ctx| match found {
+                    Ok(Some(record)) if !record.archived => {
+                        act.activate_and_join(principal, session, since, epoch, reference, ctx)
+                    }
+                    Ok(_) => {
+                        let refusal = Refusal::not_found(format!("no session {session}"));
+                        act.refuse(reference.as_deref(), &refusal, ctx);
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "store unavailable while joining");
+                        act.refuse(reference.as_deref(), &Refusal::storage_unavailable(), ctx);
+                    }
+                })
+                .spawn(ctx);
+            return;
+        }
+        self.activate_and_join(principal, session, since, epoch, reference, ctx);
+    }
+
+    fn activate_and_join(
+        &mut self,
+        principal: Principal,
         session: SessionId,
         since: Option<u64>,
         epoch: Option<String>,
@@ -189,7 +244,7 @@ impl ClientConn {
         self.joined.insert(session.clone(), addr.clone());
         let msg = Join {
             conn: self.id.clone(),
-            user,
+            user: principal.user,
             outbox: ctx.address().recipient(),
             reference: reference.clone(),
             since,
@@ -273,7 +328,7 @@ impl Actor for ClientConn {
         telemetry::connection_opened("user");
         let hello_timeout = Duration::from_secs(self.node.limits.hello_timeout_s);
         ctx.run_later(hello_timeout, move |act, ctx| {
-            if act.user.is_none() {
+            if act.principal.is_none() {
                 let refusal = Refusal::new(
                     ErrorCode::Unauthorized,
                     format!("no hello within {}s", hello_timeout.as_secs()),

@@ -3,12 +3,16 @@
 
 use std::sync::Arc;
 
+use std::future::{Ready, ready};
+
 use actix_web::http::StatusCode;
-use actix_web::{HttpResponse, ResponseError, delete, get, post, web};
+use actix_web::http::header::AUTHORIZATION;
+use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, delete, get, post, web};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::auth::Principal;
 use crate::node::Node;
 use crate::protocol::frames::DocSummary;
 use crate::protocol::{ErrorCode, Refusal, SessionId, UserInfo};
@@ -74,6 +78,32 @@ impl From<StoreError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// The authenticated caller of a REST route, from `Authorization: Bearer <jwt>` (or anonymous,
+/// where the server admits anonymous users).
+pub struct Caller(pub Principal);
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let Some(node) = req.app_data::<web::Data<Arc<Node>>>() else {
+            return ready(Err(Refusal::new(ErrorCode::Internal, "node missing").into()));
+        };
+        let token = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim());
+        ready(
+            node.auth
+                .authenticate(token, None)
+                .map(Caller)
+                .map_err(|failure| failure.refusal("rest").into()),
+        )
+    }
+}
+
 fn session_id(raw: &str) -> ApiResult<SessionId> {
     SessionId::parse(raw).map_err(|e| Refusal::bad_request(e.to_string()).into())
 }
@@ -135,13 +165,16 @@ pub struct CreateSession {
 #[post("/v1/sessions")]
 pub async fn create_session(
     node: web::Data<Arc<Node>>,
+    Caller(caller): Caller,
     body: web::Json<CreateSession>,
 ) -> ApiResult<HttpResponse> {
+    caller.check_write()?;
     let body = body.into_inner();
     let id = match body.id {
         Some(raw) => session_id(&raw)?,
         None => session_id(&uuid::Uuid::now_v7().to_string())?,
     };
+    caller.check_session(&id)?;
     let title = body.title.unwrap_or_else(|| id.to_string());
     let Some(record) = node.store.create_session(&id, &title).await? else {
         return Err(Refusal::new(ErrorCode::Conflict, format!("session {id} exists")).into());
@@ -169,6 +202,7 @@ pub struct SessionPage {
 #[get("/v1/sessions")]
 pub async fn list_sessions(
     node: web::Data<Arc<Node>>,
+    Caller(caller): Caller,
     query: web::Query<PageQuery>,
 ) -> ApiResult<web::Json<SessionPage>> {
     let after = query.after.as_deref().map(session_id).transpose()?;
@@ -178,7 +212,7 @@ pub async fn list_sessions(
         .then(|| records.last().map(|r| r.id.to_string()))
         .flatten();
     let mut sessions = Vec::with_capacity(records.len());
-    for record in records {
+    for record in records.into_iter().filter(|r| caller.scope.allows(&r.id)) {
         let live = inspect(&node, &record.id).await;
         sessions.push(SessionView::new(record, live, &node));
     }
@@ -205,9 +239,11 @@ async fn existing_session(node: &Node, id: &SessionId) -> ApiResult<SessionRecor
 #[get("/v1/sessions/{id}")]
 pub async fn get_session(
     node: web::Data<Arc<Node>>,
+    Caller(caller): Caller,
     path: web::Path<String>,
 ) -> ApiResult<web::Json<SessionView>> {
     let id = session_id(&path)?;
+    caller.check_session(&id)?;
     let record = existing_session(&node, &id).await?;
     let live = inspect(&node, &id).await;
     Ok(web::Json(SessionView::new(record, live, &node)))
@@ -221,9 +257,12 @@ pub async fn get_session(
 #[delete("/v1/sessions/{id}")]
 pub async fn delete_session(
     node: web::Data<Arc<Node>>,
+    Caller(caller): Caller,
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
+    caller.check_admin()?;
     let id = session_id(&path)?;
+    caller.check_session(&id)?;
     if !node.store.archive_session(&id).await? {
         return Err(Refusal::not_found(format!("no session {id}")).into());
     }
@@ -255,10 +294,12 @@ pub struct EventPage {
 #[get("/v1/sessions/{id}/events")]
 pub async fn list_events(
     node: web::Data<Arc<Node>>,
+    Caller(caller): Caller,
     path: web::Path<String>,
     query: web::Query<EventsQuery>,
 ) -> ApiResult<web::Json<EventPage>> {
     let id = session_id(&path)?;
+    caller.check_session(&id)?;
     existing_session(&node, &id).await?;
     let limit = clamp_limit(query.limit, 100);
     let events = node
@@ -271,7 +312,7 @@ pub async fn list_events(
 #[derive(Deserialize, ToSchema)]
 pub struct PostMessage {
     text: String,
-    /// The display name to post under (anonymous access only).
+    /// The display name to post under (anonymous callers only; a token names its holder).
     name: Option<String>,
 }
 
@@ -293,14 +334,23 @@ pub struct Posted {
 #[post("/v1/sessions/{id}/messages")]
 pub async fn post_message(
     node: web::Data<Arc<Node>>,
+    Caller(caller): Caller,
     path: web::Path<String>,
     body: web::Json<PostMessage>,
 ) -> ApiResult<web::Json<Posted>> {
     let id = session_id(&path)?;
+    caller.check_session(&id)?;
+    caller.check_write()?;
     let body = body.into_inner();
-    let user = node.authenticate(body.name.as_deref())?;
-    if !user.role.may_write() {
-        return Err(Refusal::new(ErrorCode::Forbidden, "your role may not chat").into());
+    let mut user = caller.user;
+    if caller.anonymous
+        && let Some(name) = body
+            .name
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+    {
+        user.name = crate::auth::display_name(Some(name));
     }
     existing_session(&node, &id).await?;
     let (reply, answer) = Reply::http();

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The one test command: makes sure PostgreSQL and Redis are up, then runs the whole suite.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh -E 'test(replay)'   # extra arguments go to cargo nextest (or cargo test)
+#
+# Tests use real services: PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth) and Redis on
+# 127.0.0.1:6379. Nothing is mocked, so nothing is skipped: if a service cannot be reached or
+# started, this script stops with the fix.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_HOST=127.0.0.1 PG_PORT=5432 REDIS_HOST=127.0.0.1 REDIS_PORT=6379
+
+say() { printf '==> %s\n' "$*"; }
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+pg_ready() {
+  port_open "$PG_HOST" "$PG_PORT" || return 1
+  if command -v psql >/dev/null; then
+    psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -tAc 'select 1' >/dev/null 2>&1
+  fi
+}
+
+redis_ready() {
+  port_open "$REDIS_HOST" "$REDIS_PORT" || return 1
+  if command -v redis-cli >/dev/null; then
+    [ "$(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]
+  fi
+}
+
+docker_engine() { command -v docker >/dev/null && docker info >/dev/null 2>&1; }
+
+start_pg() {
+  if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+    say "starting the local PostgreSQL cluster"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  elif docker_engine; then
+    say "starting PostgreSQL with docker compose"
+    docker compose up -d postgres
+  fi
+}
+
+start_redis() {
+  if command -v redis-server >/dev/null; then
+    say "starting a local Redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+      --logfile /tmp/conclave-test-redis.log || true
+  elif docker_engine; then
+    say "starting Redis with docker compose"
+    docker compose up -d redis
+  fi
+}
+
+wait_for() {
+  local what=$1 check=$2
+  for _ in $(seq 1 30); do
+    if $check; then return 0; fi
+    sleep 1
+  done
+  return 1
+}
+
+if ! pg_ready; then
+  start_pg
+  wait_for PostgreSQL pg_ready || {
+    cat >&2 <<MSG
+error: PostgreSQL is not reachable on $PG_HOST:$PG_PORT (user postgres, trust auth), and could not
+be started. Fix: install and start it (Debian: apt-get install postgresql && pg_ctlcluster 15 main
+start, with 'host all all 127.0.0.1/32 trust' in pg_hba.conf), or run 'docker compose up -d postgres'.
+MSG
+    exit 1
+  }
+fi
+say "PostgreSQL is up on $PG_HOST:$PG_PORT"
+
+if ! redis_ready; then
+  start_redis
+  wait_for Redis redis_ready || {
+    cat >&2 <<MSG
+error: Redis is not reachable on $REDIS_HOST:$REDIS_PORT and could not be started.
+Fix: install it (Debian: apt-get install redis-server) or run 'docker compose up -d redis'.
+MSG
+    exit 1
+  }
+fi
+say "Redis is up on $REDIS_HOST:$REDIS_PORT"
+
+say "checking format and lints"
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+
+if cargo nextest --version >/dev/null 2>&1; then
+  say "running the suite with cargo nextest"
+  cargo nextest run --locked --no-fail-fast "$@"
+else
+  say "running the suite with cargo test (install cargo-nextest for parallel runs)"
+  cargo test --locked --no-fail-fast "$@"
+fi
