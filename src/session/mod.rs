@@ -4,6 +4,7 @@
 mod actor;
 pub mod log;
 mod messages;
+pub mod ot;
 mod registry;
 
 pub use actor::SessionActor;
