@@ -105,6 +105,14 @@ pub struct Limits {
     #[arg(long, env = "CONCLAVE_OUTBOUND_QUEUE_BYTES", default_value_t = 4 << 20)]
     pub outbound_queue_bytes: usize,
 
+    /// Compact a document into a snapshot after this many stored updates…
+    #[arg(long, env = "CONCLAVE_DOC_COMPACT_EVERY", default_value_t = 500)]
+    pub doc_compact_every: u64,
+
+    /// …or every this many seconds, if it has any.
+    #[arg(long, env = "CONCLAVE_DOC_COMPACT_INTERVAL_S", default_value_t = 30)]
+    pub doc_compact_interval_s: u64,
+
     /// Seconds a new socket has to send `hello`.
     #[arg(long, env = "CONCLAVE_HELLO_TIMEOUT_S", default_value_t = 10)]
     pub hello_timeout_s: u64,
@@ -124,6 +132,8 @@ impl Default for Limits {
             idle_timeout_s: 60,
             max_frame_bytes: 1 << 20,
             outbound_queue_bytes: 4 << 20,
+            doc_compact_every: 500,
+            doc_compact_interval_s: 30,
             hello_timeout_s: 10,
             socket_timeout_s: 60,
         }
@@ -137,6 +147,10 @@ impl Limits {
 
     pub fn presence_interval(&self) -> Duration {
         Duration::from_millis(self.presence_interval_ms)
+    }
+
+    pub fn doc_compact_interval(&self) -> Duration {
+        Duration::from_secs(self.doc_compact_interval_s.max(1))
     }
 
     pub fn idle_timeout(&self) -> Duration {

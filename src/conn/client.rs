@@ -19,7 +19,7 @@ use crate::node::Node;
 use crate::protocol::frames::ServerFrame;
 use crate::protocol::{Command, ErrorCode, Refusal, SessionId, parse_request};
 use crate::session::{
-    ConnId, Deliver, Disconnect, FrameClass, Join, Leave, PostChat, Reply, SessionActor,
+    ConnId, Deliver, Disconnect, Edit, FrameClass, Join, Leave, PostChat, Reply, SessionActor,
     SetPresence,
 };
 use crate::telemetry;
@@ -130,6 +130,28 @@ impl ClientConn {
                     conn: Some(self.id.clone()),
                     actor: principal.user.actor(),
                     text,
+                    reply: Self::reply(reference.clone(), ctx),
+                };
+                self.forward(addr, msg, reference, ctx);
+            }
+            Command::Edit {
+                session,
+                doc,
+                base,
+                ops,
+            } => {
+                if let Err(refusal) = principal.check_write() {
+                    return self.refuse(reference.as_deref(), &refusal, ctx);
+                }
+                let Some(addr) = self.joined.get(&session).cloned() else {
+                    return self.refuse(reference.as_deref(), &not_joined(&session), ctx);
+                };
+                let msg = Edit {
+                    conn: Some(self.id.clone()),
+                    actor: principal.user.actor(),
+                    doc,
+                    base,
+                    ops,
                     reply: Self::reply(reference.clone(), ctx),
                 };
                 self.forward(addr, msg, reference, ctx);

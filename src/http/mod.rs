@@ -29,6 +29,8 @@ use crate::node::Node;
         rest::delete_session,
         rest::list_events,
         rest::post_message,
+        rest::get_doc,
+        rest::post_edit,
         healthz,
         readyz,
     )
@@ -57,6 +59,8 @@ pub fn configure(node: Arc<Node>) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(rest::delete_session)
             .service(rest::list_events)
             .service(rest::post_message)
+            .service(rest::get_doc)
+            .service(rest::post_edit)
             .service(healthz)
             .service(readyz)
             .service(metrics)

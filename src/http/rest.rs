@@ -14,10 +14,12 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Principal;
 use crate::node::Node;
+use crate::protocol::DocName;
 use crate::protocol::frames::DocSummary;
 use crate::protocol::{ErrorCode, Refusal, SessionId, UserInfo};
 use crate::session::log::{Actor, Event};
-use crate::session::{Archive, Inspect, LiveView, PostChat, Reply};
+use crate::session::ot::Component;
+use crate::session::{Archive, Edit, Inspect, LiveView, PostChat, ReadDoc, Reply};
 use crate::store::{SessionRecord, StoreError};
 
 /// The most events or sessions one page returns.
@@ -373,4 +375,92 @@ pub async fn post_message(
         .offset
         .ok_or_else(|| Refusal::new(ErrorCode::Internal, "commit carried no offset"))?;
     Ok(web::Json(Posted { offset }))
+}
+
+fn doc_name(raw: &str) -> ApiResult<DocName> {
+    DocName::parse(raw).map_err(|e| Refusal::bad_request(e.to_string()).into())
+}
+
+/// A document's committed text and version (version 0 and empty before its first edit).
+#[utoipa::path(
+    params(("id" = String, Path, description = "session id"), ("doc" = String, Path, description = "document name")),
+    responses((status = 200, body = DocSummary), (status = 404, body = ErrorBody))
+)]
+#[get("/v1/sessions/{id}/docs/{doc}")]
+pub async fn get_doc(
+    node: web::Data<Arc<Node>>,
+    Caller(caller): Caller,
+    path: web::Path<(String, String)>,
+) -> ApiResult<web::Json<DocSummary>> {
+    let (id, doc) = path.into_inner();
+    let (id, doc) = (session_id(&id)?, doc_name(&doc)?);
+    caller.check_session(&id)?;
+    existing_session(&node, &id).await?;
+    let summary = node
+        .registry
+        .activate(&id)
+        .send(ReadDoc { doc })
+        .await
+        .map_err(|_| Refusal::session_unavailable())??;
+    Ok(web::Json(summary))
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct EditBody {
+    /// The document version the operations were written against.
+    base: u64,
+    /// `{"retain":n}`, `{"insert":"text"}` and `{"delete":n}`, in UTF-16 code units.
+    #[schema(value_type = Vec<Object>)]
+    ops: Vec<Component>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct EditResult {
+    version: u64,
+}
+
+/// Applies a JSON edit (rebased if `base` is stale); answers once it is committed.
+#[utoipa::path(
+    params(("id" = String, Path, description = "session id"), ("doc" = String, Path, description = "document name")),
+    request_body = EditBody,
+    responses(
+        (status = 200, body = EditResult),
+        (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "resync_required: base older than the history kept"),
+        (status = 503, body = ErrorBody)
+    )
+)]
+#[post("/v1/sessions/{id}/docs/{doc}/edits")]
+pub async fn post_edit(
+    node: web::Data<Arc<Node>>,
+    Caller(caller): Caller,
+    path: web::Path<(String, String)>,
+    body: web::Json<EditBody>,
+) -> ApiResult<web::Json<EditResult>> {
+    let (id, doc) = path.into_inner();
+    let (id, doc) = (session_id(&id)?, doc_name(&doc)?);
+    caller.check_session(&id)?;
+    caller.check_write()?;
+    existing_session(&node, &id).await?;
+    let body = body.into_inner();
+    let (reply, answer) = Reply::http();
+    let msg = Edit {
+        conn: None,
+        actor: caller.user.actor(),
+        doc,
+        base: body.base,
+        ops: body.ops,
+        reply,
+    };
+    node.registry
+        .activate(&id)
+        .send(msg)
+        .await
+        .map_err(|_| Refusal::session_unavailable())?;
+    let committed = answer.await.map_err(|_| Refusal::session_unavailable())??;
+    let version = committed
+        .doc
+        .map(|(_, version)| version)
+        .ok_or_else(|| Refusal::new(ErrorCode::Internal, "commit carried no version"))?;
+    Ok(web::Json(EditResult { version }))
 }

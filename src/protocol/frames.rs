@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::{ErrorCode, Refusal};
-use super::ids::SessionId;
+use super::ids::{DocName, SessionId};
 use crate::session::log::{Actor, Event};
+use crate::session::ot::{Component, Operation};
 
 /// One parsed client frame: an optional `ref` and the command.
 #[derive(Debug, Deserialize)]
@@ -45,6 +46,13 @@ pub enum Command {
     Leave { session: SessionId },
     #[serde(rename = "chat")]
     Chat { session: SessionId, text: String },
+    #[serde(rename = "edit")]
+    Edit {
+        session: SessionId,
+        doc: DocName,
+        base: u64,
+        ops: Vec<Component>,
+    },
     #[serde(rename = "presence")]
     Presence {
         session: SessionId,
@@ -64,6 +72,7 @@ impl Command {
             Self::Join { session, .. }
             | Self::Leave { session }
             | Self::Chat { session, .. }
+            | Self::Edit { session, .. }
             | Self::Presence { session, .. } => Some(session),
             Self::Hello { .. } | Self::Ping => None,
         }
@@ -185,6 +194,19 @@ pub enum ServerFrame<'a> {
         reference: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         offset: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        doc: Option<&'a DocName>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        version: Option<u64>,
+    },
+    /// A committed change to a document; `ops` apply to version `version - 1`.
+    #[serde(rename = "doc")]
+    Doc {
+        session: &'a SessionId,
+        doc: &'a DocName,
+        version: u64,
+        ops: &'a Operation,
+        actor: &'a Actor,
     },
     #[serde(rename = "event")]
     Event {

@@ -21,49 +21,64 @@ fn check_name(raw: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The name of a session. Cheap to clone: the registry, actors and frames all hold one.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct SessionId(Arc<str>);
+/// Declares a validated name type: cheap to clone, checked once at the edge.
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(Arc<str>);
 
-impl SessionId {
-    pub fn parse(raw: &str) -> Result<Self, InvalidName> {
-        if check_name(raw) {
-            Ok(Self(Arc::from(raw)))
-        } else {
-            Err(InvalidName(raw.chars().take(140).collect()))
+        impl $name {
+            pub fn parse(raw: &str) -> Result<Self, InvalidName> {
+                if check_name(raw) {
+                    Ok(Self(Arc::from(raw)))
+                } else {
+                    Err(InvalidName(raw.chars().take(140).collect()))
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
         }
-    }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+        impl TryFrom<String> for $name {
+            type Error = InvalidName;
+            fn try_from(raw: String) -> Result<Self, Self::Error> {
+                Self::parse(&raw)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> Self {
+                id.0.to_string()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), &self.0)
+            }
+        }
+    };
 }
 
-impl TryFrom<String> for SessionId {
-    type Error = InvalidName;
-    fn try_from(raw: String) -> Result<Self, Self::Error> {
-        Self::parse(&raw)
-    }
-}
+name_type!(
+    /// The name of a session. The registry, actors and frames all hold one.
+    SessionId
+);
 
-impl From<SessionId> for String {
-    fn from(id: SessionId) -> Self {
-        id.0.to_string()
-    }
-}
-
-impl fmt::Display for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SessionId({})", &self.0)
-    }
-}
+name_type!(
+    /// The name of a document within a session.
+    DocName
+);
 
 #[cfg(test)]
 mod tests {

@@ -9,4 +9,4 @@ pub mod ids;
 
 pub use error::{ErrorCode, Refusal};
 pub use frames::{Command, Request, Role, ServerFrame, UserInfo, parse_request};
-pub use ids::{InvalidName, SessionId};
+pub use ids::{DocName, InvalidName, SessionId};

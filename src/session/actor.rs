@@ -9,7 +9,7 @@
 //! `storage_unavailable` and the next batch reuses the same offsets. Acks and broadcasts go out
 //! only after the commit, so no client ever sees a change a crash could take back.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,24 +17,42 @@ use actix::prelude::*;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use super::log::{ChatData, Event, EventKind, MemberData, NewEvent};
+use super::document::Document;
+use super::log::{self, ChatData, Event, EventKind, MemberData, NewEvent};
 use super::messages::{
-    Archive, Committed, ConnId, Deliver, Disconnect, Drain, FrameClass, Inspect, Join, Leave,
-    LiveView, PostChat, Reply, SetPresence,
+    Archive, Committed, ConnId, Deliver, Disconnect, Drain, Edit, FrameClass, Inspect, Join, Leave,
+    LiveView, PostChat, ReadDoc, Reply, SetPresence,
 };
+use super::ot::Operation;
 use super::registry::SessionRegistry;
-use crate::protocol::frames::{PresenceEntry, ServerFrame};
-use crate::protocol::{ErrorCode, Refusal, SessionId, UserInfo};
-use crate::store::{SessionRecord, StoreError};
+use crate::protocol::frames::{DocSummary, PresenceEntry, ServerFrame};
+use crate::protocol::{DocName, ErrorCode, Refusal, SessionId, UserInfo};
+use crate::store::{DocUpdate, SessionRecord, StoreError, StoredDoc};
 use crate::telemetry;
 
 /// Events fetched from the store per page when replaying beyond the in-memory tail.
 const REPLAY_PAGE: u32 = 1000;
 
-/// A write accepted but not yet committed.
+/// A write accepted but not yet committed: an event for the log, a document change, or both
+/// absent (a no-op edit, acked once everything before it is committed).
 struct PendingWrite {
-    event: NewEvent,
+    event: Option<NewEvent>,
+    doc: Option<PendingDocChange>,
     reply: Option<Reply>,
+}
+
+/// A document edit applied in memory, waiting for its batch.
+struct PendingDocChange {
+    doc: DocName,
+    /// The version the client is acked with.
+    version: u64,
+    /// The applied operation; `None` for a no-op.
+    op: Option<Operation>,
+    /// The yrs update to store; taken when the batch is flushed.
+    update: Option<DocUpdate>,
+    actor: log::Actor,
+    /// The connection that sent it, which gets an ack instead of the `doc` frame.
+    origin: Option<ConnId>,
 }
 
 /// One subscribed connection.
@@ -73,6 +91,8 @@ pub struct SessionActor {
     committed: u64,
     /// The newest committed events, for replay without a store round trip.
     tail: VecDeque<Event>,
+    /// The session's documents, by name.
+    docs: BTreeMap<DocName, Document>,
     subscribers: HashMap<ConnId, Subscriber>,
     /// Members in the order they joined.
     members: Vec<Member>,
@@ -98,6 +118,7 @@ impl SessionActor {
             epoch: String::new(),
             committed: 0,
             tail: VecDeque::new(),
+            docs: BTreeMap::new(),
             subscribers: HashMap::new(),
             members: Vec::new(),
             presence: HashMap::new(),
@@ -123,10 +144,16 @@ impl SessionActor {
         ctx.stop();
     }
 
-    fn on_loaded(&mut self, record: SessionRecord, tail: Vec<Event>) {
+    fn on_loaded(
+        &mut self,
+        record: SessionRecord,
+        tail: Vec<Event>,
+        docs: BTreeMap<DocName, Document>,
+    ) {
         self.epoch = record.epoch;
         self.committed = record.offset;
         self.tail = tail.into();
+        self.docs = docs;
         self.loaded = true;
     }
 
@@ -134,7 +161,18 @@ impl SessionActor {
 
     /// Accepts a write into the current batch and arranges for the batch to be flushed.
     fn enqueue(&mut self, event: NewEvent, reply: Option<Reply>, ctx: &mut Context<Self>) {
-        self.pending.push(PendingWrite { event, reply });
+        self.enqueue_write(
+            PendingWrite {
+                event: Some(event),
+                doc: None,
+                reply,
+            },
+            ctx,
+        );
+    }
+
+    fn enqueue_write(&mut self, write: PendingWrite, ctx: &mut Context<Self>) {
+        self.pending.push(write);
         self.last_activity = Instant::now();
         if self.flushing {
             // The batch in flight flushes this one as soon as it completes.
@@ -160,12 +198,17 @@ impl SessionActor {
             ctx.cancel_future(timer);
         }
         let take = self.pending.len().min(self.limits().commit_batch);
-        let batch: Vec<PendingWrite> = self.pending.drain(..take).collect();
-        let mut replies = Vec::with_capacity(batch.len());
-        let mut events = Vec::with_capacity(batch.len());
-        for (i, write) in batch.into_iter().enumerate() {
-            events.push(write.event.at_offset(self.committed + 1 + i as u64));
-            replies.push(write.reply);
+        let mut batch: Vec<PendingWrite> = self.pending.drain(..take).collect();
+        let mut events = Vec::new();
+        let mut updates = Vec::new();
+        for write in &mut batch {
+            if let Some(event) = write.event.take() {
+                let offset = self.committed + 1 + events.len() as u64;
+                events.push(event.at_offset(offset));
+            }
+            if let Some(update) = write.doc.as_mut().and_then(|d| d.update.take()) {
+                updates.push(update);
+            }
         }
         self.flushing = true;
         let store = self.registry.deps().store.clone();
@@ -174,14 +217,17 @@ impl SessionActor {
         let backend = store.backend();
         ctx.spawn(
             async move {
-                let result = store.append_events(&session, &events).await;
-                (result, events)
+                let result = store.commit_batch(&session, &events, &updates).await;
+                (result, events, !updates.is_empty())
             }
             .into_actor(self)
-            .map(move |(result, events), act, ctx| {
-                telemetry::commit_latency(backend, started.elapsed(), events.len());
+            .map(move |(result, events, had_updates), act, ctx| {
+                telemetry::commit_latency(backend, started.elapsed(), batch.len());
                 act.flushing = false;
-                act.on_commit(result, events, replies);
+                match result {
+                    Ok(()) => act.on_commit(events, batch, ctx),
+                    Err(err) => act.on_commit_failed(err, batch, had_updates, ctx),
+                }
                 if act.pending.is_empty() {
                     act.wake_drain_waiters();
                 } else {
@@ -191,25 +237,18 @@ impl SessionActor {
         );
     }
 
-    fn on_commit(
-        &mut self,
-        result: Result<(), StoreError>,
-        events: Vec<Event>,
-        replies: Vec<Option<Reply>>,
-    ) {
-        if let Err(err) = result {
-            tracing::warn!(session = %self.id, %err, count = events.len(), "commit failed; nothing acked");
-            for reply in replies.into_iter().flatten() {
-                reply.refuse(Refusal::storage_unavailable());
+    /// Acks and broadcasts a committed batch, in the order it was accepted.
+    fn on_commit(&mut self, events: Vec<Event>, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
+        let mut events = events.into_iter();
+        for write in batch {
+            if let Some(change) = write.doc {
+                self.on_doc_committed(change, write.reply);
+                continue;
             }
-            return;
-        }
-        for (event, reply) in events.into_iter().zip(replies) {
+            let Some(event) = events.next() else { continue };
             self.committed = event.offset;
-            if let Some(reply) = reply {
-                reply.ok(Committed {
-                    offset: Some(event.offset),
-                });
+            if let Some(reply) = write.reply {
+                reply.ok(Committed::offset(event.offset));
             }
             let frame = ServerFrame::Event {
                 session: &self.id,
@@ -221,6 +260,139 @@ impl SessionActor {
             if self.tail.len() > self.limits().event_tail {
                 self.tail.pop_front();
             }
+        }
+        self.compact_docs(self.limits().doc_compact_every, ctx);
+    }
+
+    fn on_doc_committed(&mut self, change: PendingDocChange, reply: Option<Reply>) {
+        if let (Some(op), Some(document)) = (&change.op, self.docs.get_mut(&change.doc)) {
+            document.committed(change.version, op);
+        }
+        if let Some(reply) = reply {
+            reply.ok(Committed::doc(change.doc.clone(), change.version));
+        }
+        let Some(op) = change.op else { return };
+        let frame = ServerFrame::Doc {
+            session: &self.id,
+            doc: &change.doc,
+            version: change.version,
+            ops: &op,
+            actor: &change.actor,
+        }
+        .encode();
+        let deliver = Deliver::ordered(frame);
+        for (conn, subscriber) in &mut self.subscribers {
+            if change.origin.as_ref() != Some(conn) {
+                subscriber.send(deliver.clone());
+            }
+        }
+        telemetry::messages_out(self.subscribers.len());
+    }
+
+    /// A batch failed: nothing in it is acked and no offset is used. Document edits were already
+    /// applied in memory and cannot be unapplied, so the documents are reloaded from the store,
+    /// every later write (which may build on them) is refused too, and subscribers get a `reset`
+    /// with a fresh snapshot.
+    fn on_commit_failed(
+        &mut self,
+        err: StoreError,
+        batch: Vec<PendingWrite>,
+        had_updates: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        tracing::warn!(session = %self.id, %err, count = batch.len(), "commit failed; nothing acked");
+        let mut refused: Vec<PendingWrite> = batch;
+        if had_updates {
+            refused.append(&mut self.pending);
+        }
+        for reply in refused.into_iter().filter_map(|w| w.reply) {
+            reply.refuse(Refusal::storage_unavailable());
+        }
+        if had_updates {
+            self.reload_docs(ctx);
+        }
+    }
+
+    fn reload_docs(&mut self, ctx: &mut Context<Self>) {
+        let store = self.registry.deps().store.clone();
+        let session = self.id.clone();
+        ctx.wait(
+            async move { store.load_docs(&session).await }
+                .into_actor(self)
+                .map(|result, act, ctx| match load_documents(result) {
+                    Ok(docs) => {
+                        act.docs = docs;
+                        act.resync_subscribers();
+                    }
+                    Err(err) => {
+                        tracing::error!(session = %act.id, %err, "documents failed to reload; stopping the session");
+                        let frame = ServerFrame::Reset { session: &act.id }.encode();
+                        act.broadcast(Deliver::ordered(frame));
+                        act.retire(ctx);
+                    }
+                }),
+        );
+    }
+
+    /// Sends every subscriber a `reset` and a fresh snapshot (a `joined` without `ref`).
+    fn resync_subscribers(&mut self) {
+        let reset = ServerFrame::Reset { session: &self.id }.encode();
+        let joined = self.joined_frame(None);
+        self.broadcast(Deliver::ordered(reset));
+        self.broadcast(Deliver::ordered(joined));
+    }
+
+    fn joined_frame(&self, reference: Option<&str>) -> bytestring::ByteString {
+        let members = self.member_list();
+        let presence = self.presence_list();
+        let docs = self.doc_list();
+        ServerFrame::Joined {
+            reference,
+            session: &self.id,
+            offset: self.committed,
+            epoch: &self.epoch,
+            members: &members,
+            presence: &presence,
+            docs: &docs,
+        }
+        .encode()
+    }
+
+    fn doc_list(&self) -> Vec<DocSummary> {
+        self.docs.values().map(Document::summary).collect()
+    }
+
+    /// Compacts every document with at least `threshold` updates since its snapshot.
+    fn compact_docs(&mut self, threshold: u64, ctx: &mut Context<Self>) {
+        let threshold = threshold.max(1);
+        let due: Vec<_> = self
+            .docs
+            .values_mut()
+            .filter(|d| d.updates_since_snapshot() >= threshold)
+            .filter_map(|d| d.begin_compaction().map(|s| (d.name().clone(), s)))
+            .collect();
+        for (name, snapshot) in due {
+            let store = self.registry.deps().store.clone();
+            let session = self.id.clone();
+            ctx.spawn(
+                async move {
+                    let result = store.compact_doc(&session, &name, &snapshot).await;
+                    (name, snapshot.upto_seq, result)
+                }
+                .into_actor(self)
+                .map(|(name, upto_seq, result), act, _ctx| {
+                    let stored = match result {
+                        Ok(()) => Some(upto_seq),
+                        Err(err) => {
+                            tracing::warn!(session = %act.id, doc = %name, %err, "compaction failed; the update log stays");
+                            None
+                        }
+                    };
+                    if let Some(document) = act.docs.get_mut(&name) {
+                        document.end_compaction(stored);
+                    }
+                }),
+            );
         }
     }
 
@@ -466,16 +638,23 @@ impl Actor for SessionActor {
                 let tail = store
                     .events_after(&session, from, u32::try_from(tail_len).unwrap_or(u32::MAX))
                     .await?;
-                Ok::<_, StoreError>((record, tail))
+                let docs = store.load_docs(&session).await;
+                Ok::<_, StoreError>((record, tail, docs))
             }
             .into_actor(self)
             .map(|result, act, ctx| match result {
-                Ok((record, _)) if record.archived => {
+                Ok((record, ..)) if record.archived => {
                     // Stays unloaded: every request gets not_found until the idle check
                     // retires the actor.
                     tracing::debug!(session = %act.id, "refusing to serve an archived session");
                 }
-                Ok((record, tail)) => act.on_loaded(record, tail),
+                Ok((record, tail, docs)) => match load_documents(docs) {
+                    Ok(docs) => act.on_loaded(record, tail, docs),
+                    Err(err) => {
+                        tracing::error!(session = %act.id, %err, "documents failed to load; not serving the session");
+                        act.retire(ctx);
+                    }
+                },
                 Err(err) => {
                     tracing::warn!(session = %act.id, %err, "session failed to load; not serving it");
                     act.retire(ctx);
@@ -485,6 +664,10 @@ impl Actor for SessionActor {
         let idle = self.limits().idle_timeout();
         let check_every = (idle / 4).max(Duration::from_millis(100));
         ctx.run_interval(check_every, |act, ctx| act.check_idle(ctx));
+        // Compaction by time: whatever has accumulated since the last snapshot.
+        ctx.run_interval(self.limits().doc_compact_interval(), |act, ctx| {
+            act.compact_docs(1, ctx);
+        });
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
@@ -524,18 +707,7 @@ impl Handler<Join> for SessionActor {
         self.add_member_conn(&msg.user, ctx);
         self.last_activity = Instant::now();
 
-        let members = self.member_list();
-        let presence = self.presence_list();
-        let joined = ServerFrame::Joined {
-            reference: msg.reference.as_deref(),
-            session: &self.id,
-            offset: self.committed,
-            epoch: &self.epoch,
-            members: &members,
-            presence: &presence,
-            docs: &[],
-        }
-        .encode();
+        let joined = self.joined_frame(msg.reference.as_deref());
         msg.outbox.do_send(Deliver::ordered(joined));
 
         if let Some(since) = msg.since {
@@ -556,7 +728,7 @@ impl Handler<Leave> for SessionActor {
 
     fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
         if self.remove_conn(&msg.conn, ctx) {
-            msg.reply.ok(Committed { offset: None });
+            msg.reply.ok(Committed::default());
         } else {
             msg.reply.refuse(not_joined(&self.id));
         }
@@ -621,7 +793,7 @@ impl Handler<Inspect> for SessionActor {
     fn handle(&mut self, _: Inspect, _ctx: &mut Context<Self>) -> Self::Result {
         MessageResult(LiveView {
             members: self.member_list(),
-            docs: Vec::new(),
+            docs: self.doc_list(),
         })
     }
 }
@@ -652,6 +824,89 @@ impl Handler<Archive> for SessionActor {
         self.flush(ctx);
         self.retire(ctx);
     }
+}
+
+impl Handler<Edit> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Edit, ctx: &mut Context<Self>) {
+        if !self.loaded {
+            return msg.reply.refuse(Refusal::not_found(format!(
+                "session {} does not exist",
+                self.id
+            )));
+        }
+        if let Some(conn) = &msg.conn
+            && !self.subscribers.contains_key(conn)
+        {
+            return msg.reply.refuse(not_joined(&self.id));
+        }
+        let document = self
+            .docs
+            .entry(msg.doc.clone())
+            .or_insert_with(|| Document::new(msg.doc.clone()));
+        let applied = match document.edit(msg.base, msg.ops) {
+            Ok(applied) => applied,
+            Err(refusal) => return msg.reply.refuse(refusal),
+        };
+        let version = applied.as_ref().map_or(document.version(), |a| a.version);
+        let (op, update) = match applied {
+            Some(applied) => (Some(applied.op), Some(applied.update)),
+            None => (None, None),
+        };
+        self.enqueue_write(
+            PendingWrite {
+                event: None,
+                doc: Some(PendingDocChange {
+                    doc: msg.doc,
+                    version,
+                    op,
+                    update,
+                    actor: msg.actor,
+                    origin: msg.conn,
+                }),
+                reply: Some(msg.reply),
+            },
+            ctx,
+        );
+    }
+}
+
+impl Handler<ReadDoc> for SessionActor {
+    type Result = Result<DocSummary, Refusal>;
+
+    fn handle(&mut self, msg: ReadDoc, _ctx: &mut Context<Self>) -> Self::Result {
+        if !self.loaded {
+            return Err(Refusal::not_found(format!(
+                "session {} does not exist",
+                self.id
+            )));
+        }
+        Ok(self.docs.get(&msg.doc).map_or_else(
+            || DocSummary {
+                name: msg.doc.to_string(),
+                version: 0,
+                text: String::new(),
+            },
+            Document::summary,
+        ))
+    }
+}
+
+/// Rebuilds every stored document; one that fails fails the whole load.
+fn load_documents(
+    stored: Result<Vec<StoredDoc>, StoreError>,
+) -> Result<BTreeMap<DocName, Document>, String> {
+    let stored = stored.map_err(|e| e.to_string())?;
+    stored
+        .into_iter()
+        .map(|doc| {
+            let name = doc.name.clone();
+            Document::load(doc)
+                .map(|d| (name, d))
+                .map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 fn not_joined(session: &SessionId) -> Refusal {

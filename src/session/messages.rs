@@ -13,8 +13,9 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use crate::protocol::frames::{DocSummary, ServerFrame};
-use crate::protocol::{Refusal, UserInfo};
+use crate::protocol::{DocName, Refusal, UserInfo};
 use crate::session::log::Actor;
+use crate::session::ot::Component;
 
 /// A connection's id, as sent in `welcome` and presence frames.
 pub type ConnId = Arc<str>;
@@ -48,10 +49,28 @@ impl Deliver {
 }
 
 /// What a write request returns once committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Committed {
     /// The offset of the event the request appended, if it appended one.
     pub offset: Option<u64>,
+    /// The document and its version after an edit.
+    pub doc: Option<(DocName, u64)>,
+}
+
+impl Committed {
+    pub fn offset(offset: u64) -> Self {
+        Self {
+            offset: Some(offset),
+            doc: None,
+        }
+    }
+
+    pub fn doc(doc: DocName, version: u64) -> Self {
+        Self {
+            offset: None,
+            doc: Some((doc, version)),
+        }
+    }
 }
 
 /// Where the answer to one request goes.
@@ -78,6 +97,8 @@ impl Reply {
                 ServerFrame::Ack {
                     reference: reference.as_deref(),
                     offset: committed.offset,
+                    doc: committed.doc.as_ref().map(|(doc, _)| doc),
+                    version: committed.doc.as_ref().map(|(_, version)| *version),
                 }
                 .encode(),
             )),
@@ -138,6 +159,26 @@ pub struct PostChat {
     pub actor: Actor,
     pub text: String,
     pub reply: Reply,
+}
+
+/// A JSON edit of a document: `ops` written against version `base`. `conn` is `None` for
+/// REST. The reply is an ack with the new version once committed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Edit {
+    pub conn: Option<ConnId>,
+    pub actor: Actor,
+    pub doc: DocName,
+    pub base: u64,
+    pub ops: Vec<Component>,
+    pub reply: Reply,
+}
+
+/// The committed state of one document (version 0 and empty if it does not exist yet).
+#[derive(Message)]
+#[rtype(result = "Result<DocSummary, Refusal>")]
+pub struct ReadDoc {
+    pub doc: DocName,
 }
 
 /// A connection's new presence state, broadcast coalesced.

@@ -2,6 +2,7 @@
 //! records and the node's registry of live sessions.
 
 mod actor;
+pub mod document;
 pub mod log;
 mod messages;
 pub mod ot;
@@ -9,7 +10,7 @@ mod registry;
 
 pub use actor::SessionActor;
 pub use messages::{
-    Archive, Committed, ConnId, Deliver, Disconnect, Drain, FrameClass, Inspect, Join, Leave,
-    LiveView, PostChat, Reply, SetPresence,
+    Archive, Committed, ConnId, Deliver, Disconnect, Drain, Edit, FrameClass, Inspect, Join, Leave,
+    LiveView, PostChat, ReadDoc, Reply, SetPresence,
 };
 pub use registry::{SessionDeps, SessionRegistry};

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use async_trait::async_trait;
 
-use super::{SessionRecord, SharedStore, Store, StoreError};
-use crate::protocol::SessionId;
+use super::{DocSnapshot, DocUpdate, SessionRecord, SharedStore, Store, StoreError, StoredDoc};
+use crate::protocol::{DocName, SessionId};
 use crate::session::log::Event;
 
 /// The switch a test holds to fail the wrapped store's writes.
@@ -108,9 +108,28 @@ impl Store for FaultyStore {
         self.inner.archive_session(id).await
     }
 
-    async fn append_events(&self, id: &SessionId, events: &[Event]) -> Result<(), StoreError> {
+    async fn commit_batch(
+        &self,
+        id: &SessionId,
+        events: &[Event],
+        updates: &[DocUpdate],
+    ) -> Result<(), StoreError> {
         self.switch.check_write()?;
-        self.inner.append_events(id, events).await
+        self.inner.commit_batch(id, events, updates).await
+    }
+
+    async fn load_docs(&self, id: &SessionId) -> Result<Vec<StoredDoc>, StoreError> {
+        self.inner.load_docs(id).await
+    }
+
+    async fn compact_doc(
+        &self,
+        id: &SessionId,
+        doc: &DocName,
+        snapshot: &DocSnapshot,
+    ) -> Result<(), StoreError> {
+        self.switch.check_write()?;
+        self.inner.compact_doc(id, doc, snapshot).await
     }
 
     async fn events_after(

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::protocol::SessionId;
+use crate::protocol::{DocName, SessionId};
 use crate::session::log::Event;
 
 pub use sql::{PgStore, SqliteStore};
@@ -82,8 +82,25 @@ pub trait Store: Send + Sync + 'static {
     /// Marks a session archived. `false` if there was no such live session.
     async fn archive_session(&self, id: &SessionId) -> Result<bool, StoreError>;
 
-    /// Appends a batch of events in one transaction: all of them or none.
-    async fn append_events(&self, id: &SessionId, events: &[Event]) -> Result<(), StoreError>;
+    /// Commits a batch of events and document updates in one transaction: all of it or none.
+    async fn commit_batch(
+        &self,
+        id: &SessionId,
+        events: &[Event],
+        updates: &[DocUpdate],
+    ) -> Result<(), StoreError>;
+
+    /// Every document of a session: its snapshot and the updates after it.
+    async fn load_docs(&self, id: &SessionId) -> Result<Vec<StoredDoc>, StoreError>;
+
+    /// Replaces a document's snapshot with one covering updates up to `upto_seq`, and drops
+    /// those updates, in one transaction.
+    async fn compact_doc(
+        &self,
+        id: &SessionId,
+        doc: &DocName,
+        snapshot: &DocSnapshot,
+    ) -> Result<(), StoreError>;
 
     /// Up to `limit` events with offsets above `after`, in order.
     async fn events_after(
@@ -92,6 +109,54 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: u32,
     ) -> Result<Vec<Event>, StoreError>;
+}
+
+/// One yrs update of a document, as committed with its batch.
+#[derive(Debug, Clone)]
+pub struct DocUpdate {
+    pub doc: DocName,
+    /// Gap-free per document.
+    pub seq: u64,
+    /// The document's version after this update.
+    pub version: u64,
+    /// A yrs v1 update.
+    pub data: Vec<u8>,
+}
+
+/// A document's compacted state: all its updates up to `upto_seq`, as one yrs v1 update.
+#[derive(Debug, Clone)]
+pub struct DocSnapshot {
+    pub upto_seq: u64,
+    pub version: u64,
+    pub data: Vec<u8>,
+}
+
+/// A document as stored: its snapshot, then the updates after it in order.
+#[derive(Debug, Clone)]
+pub struct StoredDoc {
+    pub name: DocName,
+    pub snapshot: Option<DocSnapshot>,
+    pub updates: Vec<DocUpdate>,
+}
+
+impl StoredDoc {
+    /// The version after the last stored change.
+    pub fn version(&self) -> u64 {
+        self.updates
+            .last()
+            .map(|u| u.version)
+            .or(self.snapshot.as_ref().map(|s| s.version))
+            .unwrap_or(0)
+    }
+
+    /// The seq of the last stored update.
+    pub fn last_seq(&self) -> u64 {
+        self.updates
+            .last()
+            .map(|u| u.seq)
+            .or(self.snapshot.as_ref().map(|s| s.upto_seq))
+            .unwrap_or(0)
+    }
 }
 
 /// A shared handle to the node's store.

@@ -18,8 +18,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row};
 
-use super::{SessionRecord, Store, StoreError};
-use crate::protocol::SessionId;
+use super::{DocSnapshot, DocUpdate, SessionRecord, Store, StoreError, StoredDoc};
+use crate::protocol::{DocName, SessionId};
 use crate::session::log::{Actor, Event, EventKind};
 
 /// The embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so that a commit is
@@ -74,6 +74,10 @@ fn millis_to_time(ms: i64) -> Result<DateTime<Utc>, StoreError> {
 
 fn to_offset(raw: i64) -> Result<u64, StoreError> {
     u64::try_from(raw).map_err(|_| StoreError::Corrupt(format!("negative offset {raw}")))
+}
+
+fn doc_name(raw: &str) -> Result<DocName, StoreError> {
+    DocName::parse(raw).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn from_offset(offset: u64) -> i64 {
@@ -204,8 +208,13 @@ macro_rules! sql_store {
                 Ok(done.rows_affected() == 1)
             }
 
-            async fn append_events(&self, id: &SessionId, events: &[Event]) -> Result<(), StoreError> {
-                if events.is_empty() {
+            async fn commit_batch(
+                &self,
+                id: &SessionId,
+                events: &[Event],
+                updates: &[DocUpdate],
+            ) -> Result<(), StoreError> {
+                if events.is_empty() && updates.is_empty() {
                     return Ok(());
                 }
                 let mut tx = self.pool.begin().await?;
@@ -225,6 +234,94 @@ macro_rules! sql_store {
                     });
                     insert.build().execute(&mut *tx).await?;
                 }
+                for chunk in updates.chunks(1000) {
+                    let mut insert =
+                        QueryBuilder::new("INSERT INTO doc_updates (session_id, doc, seq, version, data) ");
+                    insert.push_values(chunk, |mut row, update| {
+                        row.push_bind(id.as_str())
+                            .push_bind(update.doc.as_str())
+                            .push_bind(from_offset(update.seq))
+                            .push_bind(from_offset(update.version))
+                            .push_bind(update.data.as_slice());
+                    });
+                    insert.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn load_docs(&self, id: &SessionId) -> Result<Vec<StoredDoc>, StoreError> {
+                let snapshots = sqlx::query(
+                    "SELECT doc, upto_seq, version, data FROM doc_snapshots WHERE session_id = $1",
+                )
+                .bind(id.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+                let mut docs: std::collections::BTreeMap<String, StoredDoc> = Default::default();
+                for row in &snapshots {
+                    let name: String = row.try_get("doc")?;
+                    let doc = doc_name(&name)?;
+                    docs.insert(name, StoredDoc {
+                        name: doc,
+                        snapshot: Some(DocSnapshot {
+                            upto_seq: to_offset(row.try_get("upto_seq")?)?,
+                            version: to_offset(row.try_get("version")?)?,
+                            data: row.try_get("data")?,
+                        }),
+                        updates: Vec::new(),
+                    });
+                }
+                let updates = sqlx::query(
+                    "SELECT u.doc, u.seq, u.version, u.data FROM doc_updates u \
+                     LEFT JOIN doc_snapshots s ON s.session_id = u.session_id AND s.doc = u.doc \
+                     WHERE u.session_id = $1 AND u.seq > COALESCE(s.upto_seq, 0) \
+                     ORDER BY u.doc, u.seq",
+                )
+                .bind(id.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+                for row in &updates {
+                    let name: String = row.try_get("doc")?;
+                    let doc = doc_name(&name)?;
+                    let update = DocUpdate {
+                        doc: doc.clone(),
+                        seq: to_offset(row.try_get("seq")?)?,
+                        version: to_offset(row.try_get("version")?)?,
+                        data: row.try_get("data")?,
+                    };
+                    docs.entry(name)
+                        .or_insert_with(|| StoredDoc { name: doc, snapshot: None, updates: Vec::new() })
+                        .updates
+                        .push(update);
+                }
+                Ok(docs.into_values().collect())
+            }
+
+            async fn compact_doc(
+                &self,
+                id: &SessionId,
+                doc: &DocName,
+                snapshot: &DocSnapshot,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO doc_snapshots (session_id, doc, upto_seq, version, data) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id, doc) DO UPDATE SET \
+                     upto_seq = excluded.upto_seq, version = excluded.version, data = excluded.data",
+                )
+                .bind(id.as_str())
+                .bind(doc.as_str())
+                .bind(from_offset(snapshot.upto_seq))
+                .bind(from_offset(snapshot.version))
+                .bind(snapshot.data.as_slice())
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM doc_updates WHERE session_id = $1 AND doc = $2 AND seq <= $3")
+                    .bind(id.as_str())
+                    .bind(doc.as_str())
+                    .bind(from_offset(snapshot.upto_seq))
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
                 Ok(())
             }
