@@ -87,6 +87,13 @@ MSG
 fi
 say "Redis is up on $REDIS_HOST:$REDIS_PORT"
 
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "error: Node.js and npm are needed for the Yjs interop test (Debian: apt-get install nodejs npm)" >&2
+  exit 1
+fi
+say "installing the interop test's pinned npm packages (yjs, y-websocket)"
+(cd tests/interop && npm ci --no-audit --no-fund --loglevel=error)
+
 say "checking format and lints"
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -2,6 +2,8 @@
 
 mod client;
 mod outbound;
+mod yjs;
 
 pub use client::ClientConn;
 pub use outbound::{Outbound, Pushed};
+pub use yjs::YjsConn;

@@ -11,8 +11,9 @@ use actix_web::{HttpRequest, HttpResponse, get, web};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::conn::{ClientConn, Outbound};
+use crate::conn::{ClientConn, Outbound, YjsConn};
 use crate::node::Node;
+use crate::protocol::{DocName, Refusal, SessionId};
 
 /// The OpenAPI document of the REST surface.
 #[derive(OpenApi)]
@@ -65,20 +66,22 @@ pub fn configure(node: Arc<Node>) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(readyz)
             .service(metrics)
             .route("/v1/ws", web::get().to(user_socket))
+            .route("/v1/yjs/{session}/{doc}", web::get().to(yjs_socket))
             .service(web::redirect("/docs", "/docs/"))
             .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", ApiDoc::openapi()))
             .service(web_page::asset);
     }
 }
 
-/// Upgrades to the native protocol socket. The connection actor starts on this worker's
-/// arbiter, which is where actix-ws's `!Send` stream has to be consumed.
-async fn user_socket(
-    req: HttpRequest,
+/// Upgrades a request to a WebSocket: the response to return, the inbound message stream and
+/// the outbound queue. Connection actors consume the stream on this worker's arbiter, which is
+/// where actix-ws's `!Send` stream has to stay.
+fn upgrade(
+    req: &HttpRequest,
     body: web::Payload,
-    node: web::Data<Arc<Node>>,
-) -> actix_web::Result<HttpResponse> {
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    node: &Node,
+) -> actix_web::Result<(HttpResponse, actix_ws::AggregatedMessageStream, Outbound)> {
+    let (response, session, stream) = actix_ws::handle(req, body)?;
     let limits = &node.limits;
     // The codec's hard cap sits above the protocol limit, so a frame a little too large is
     // answered with `too_large` and the socket lives on; far larger ones end it.
@@ -87,10 +90,53 @@ async fn user_socket(
         .aggregate_continuations()
         .max_continuation_size(limits.max_frame_bytes.saturating_mul(4));
     let outbound = Outbound::start(session, limits.outbound_queue_bytes);
+    Ok((response, stream, outbound))
+}
+
+/// The native protocol socket. Authentication happens in its `hello` frame.
+async fn user_socket(
+    req: HttpRequest,
+    body: web::Payload,
+    node: web::Data<Arc<Node>>,
+) -> actix_web::Result<HttpResponse> {
+    let (response, stream, outbound) = upgrade(&req, body, &node)?;
     let node = node.get_ref().clone();
     ClientConn::create(move |ctx| {
         ctx.add_stream(stream);
         ClientConn::new(node, outbound)
+    });
+    Ok(response)
+}
+
+#[derive(serde::Deserialize)]
+struct YjsQuery {
+    token: Option<String>,
+}
+
+/// The y-websocket socket for one document. The token comes in `?token=`, checked before the
+/// upgrade so a refused client gets a plain HTTP 401/403/400.
+async fn yjs_socket(
+    req: HttpRequest,
+    body: web::Payload,
+    path: web::Path<(String, String)>,
+    query: web::Query<YjsQuery>,
+    node: web::Data<Arc<Node>>,
+) -> actix_web::Result<HttpResponse> {
+    let (session, doc) = path.into_inner();
+    let session = SessionId::parse(&session)
+        .map_err(|e| rest::ApiError(Refusal::bad_request(e.to_string())))?;
+    let doc =
+        DocName::parse(&doc).map_err(|e| rest::ApiError(Refusal::bad_request(e.to_string())))?;
+    let principal = node
+        .auth
+        .authenticate(query.token.as_deref(), None)
+        .map_err(|failure| rest::ApiError(failure.refusal("yjs")))?;
+    principal.check_session(&session).map_err(rest::ApiError)?;
+    let (response, stream, outbound) = upgrade(&req, body, &node)?;
+    let node = node.get_ref().clone();
+    YjsConn::create(move |ctx| {
+        ctx.add_stream(stream);
+        YjsConn::new(node, outbound, principal, session, doc)
     });
     Ok(response)
 }

@@ -6,6 +6,7 @@
 pub mod error;
 pub mod frames;
 pub mod ids;
+pub mod yjs;
 
 pub use error::{ErrorCode, Refusal};
 pub use frames::{Command, Request, Role, ServerFrame, UserInfo, parse_request};

@@ -20,12 +20,14 @@ use tokio::sync::oneshot;
 use super::document::Document;
 use super::log::{self, ChatData, Event, EventKind, MemberData, NewEvent};
 use super::messages::{
-    Archive, Committed, ConnId, Deliver, Disconnect, Drain, Edit, FrameClass, Inspect, Join, Leave,
-    LiveView, PostChat, ReadDoc, Reply, SetPresence,
+    Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit, FrameClass,
+    Inspect, Join, Leave, LiveView, PostChat, ReadDoc, Reply, SetPresence, YjsAttach, YjsAwareness,
+    YjsAwarenessQuery, YjsSyncStep1, YjsUpdate,
 };
 use super::ot::Operation;
 use super::registry::SessionRegistry;
 use crate::protocol::frames::{DocSummary, PresenceEntry, ServerFrame};
+use crate::protocol::yjs;
 use crate::protocol::{DocName, ErrorCode, Refusal, SessionId, UserInfo};
 use crate::store::{DocUpdate, SessionRecord, StoreError, StoredDoc};
 use crate::telemetry;
@@ -46,10 +48,14 @@ struct PendingDocChange {
     doc: DocName,
     /// The version the client is acked with.
     version: u64,
-    /// The applied operation; `None` for a no-op.
+    /// The applied operation; `None` for a no-op or a Yjs update outside `content`.
     op: Option<Operation>,
+    /// Whether an update was applied in memory (and so must be marked committed).
+    update_committed: bool,
     /// The yrs update to store; taken when the batch is flushed.
     update: Option<DocUpdate>,
+    /// The update as a y-websocket frame, for the document's Yjs clients after the commit.
+    yjs_frame: Option<bytes::Bytes>,
     actor: log::Actor,
     /// The connection that sent it, which gets an ack instead of the `doc` frame.
     origin: Option<ConnId>,
@@ -73,6 +79,17 @@ impl Subscriber {
     }
 }
 
+/// A Yjs connection attached to one document.
+struct YjsSubscriber {
+    user: UserInfo,
+    doc: DocName,
+    outbox: Recipient<DeliverBinary>,
+    /// Its sync step 1, waiting for the document to have nothing uncommitted.
+    awaiting_sync: Option<yrs::StateVector>,
+    /// The awareness client ids it announced, removed when it goes.
+    awareness_clients: Vec<yrs::block::ClientID>,
+}
+
 /// A user present in the session, with how many of their connections have joined.
 struct Member {
     user: UserInfo,
@@ -94,6 +111,7 @@ pub struct SessionActor {
     /// The session's documents, by name.
     docs: BTreeMap<DocName, Document>,
     subscribers: HashMap<ConnId, Subscriber>,
+    yjs_subscribers: HashMap<ConnId, YjsSubscriber>,
     /// Members in the order they joined.
     members: Vec<Member>,
     presence: HashMap<ConnId, Box<RawValue>>,
@@ -120,6 +138,7 @@ impl SessionActor {
             tail: VecDeque::new(),
             docs: BTreeMap::new(),
             subscribers: HashMap::new(),
+            yjs_subscribers: HashMap::new(),
             members: Vec::new(),
             presence: HashMap::new(),
             presence_dirty: Vec::new(),
@@ -261,12 +280,24 @@ impl SessionActor {
                 self.tail.pop_front();
             }
         }
+        self.answer_yjs_syncs();
         self.compact_docs(self.limits().doc_compact_every, ctx);
     }
 
     fn on_doc_committed(&mut self, change: PendingDocChange, reply: Option<Reply>) {
-        if let (Some(op), Some(document)) = (&change.op, self.docs.get_mut(&change.doc)) {
-            document.committed(change.version, op);
+        if let Some(document) = self.docs.get_mut(&change.doc)
+            && change.update_committed
+        {
+            document.committed(change.version, change.op.as_ref());
+        }
+        if let Some(frame) = &change.yjs_frame {
+            for (conn, subscriber) in &self.yjs_subscribers {
+                if subscriber.doc == change.doc && change.origin.as_ref() != Some(conn) {
+                    subscriber.outbox.do_send(DeliverBinary {
+                        frame: frame.clone(),
+                    });
+                }
+            }
         }
         if let Some(reply) = reply {
             reply.ok(Committed::doc(change.doc.clone(), change.version));
@@ -356,6 +387,55 @@ impl SessionActor {
             docs: &docs,
         }
         .encode()
+    }
+
+    /// Answers every waiting Yjs sync step 1 whose document has nothing uncommitted.
+    fn answer_yjs_syncs(&mut self) {
+        for subscriber in self.yjs_subscribers.values_mut() {
+            let Some(document) = self.docs.get(&subscriber.doc) else {
+                continue;
+            };
+            if !document.is_settled() {
+                continue;
+            }
+            if let Some(sv) = subscriber.awaiting_sync.take() {
+                subscriber.outbox.do_send(DeliverBinary {
+                    frame: yjs::sync_step2(document.diff(&sv)),
+                });
+            }
+        }
+    }
+
+    fn relay_awareness(&self, doc: &DocName, except: Option<&ConnId>, frame: bytes::Bytes) {
+        for (conn, subscriber) in &self.yjs_subscribers {
+            if &subscriber.doc == doc && except != Some(conn) {
+                subscriber.outbox.do_send(DeliverBinary {
+                    frame: frame.clone(),
+                });
+            }
+        }
+    }
+
+    /// Removes a Yjs connection, and its awareness states for the others.
+    fn remove_yjs(&mut self, conn: &ConnId) -> bool {
+        let Some(subscriber) = self.yjs_subscribers.remove(conn) else {
+            return false;
+        };
+        if let Some(document) = self.docs.get_mut(&subscriber.doc)
+            && !subscriber.awareness_clients.is_empty()
+        {
+            for client in &subscriber.awareness_clients {
+                document.awareness_mut().remove_state(*client);
+            }
+            if let Ok(update) = document
+                .awareness()
+                .update_with_clients(subscriber.awareness_clients.iter().copied())
+            {
+                self.relay_awareness(&subscriber.doc, None, yjs::awareness(update));
+            }
+        }
+        self.last_activity = Instant::now();
+        true
     }
 
     fn doc_list(&self) -> Vec<DocSummary> {
@@ -611,6 +691,7 @@ impl SessionActor {
     /// Passivates once the session has had no subscribers and no writes for the idle timeout.
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
         let idle = self.subscribers.is_empty()
+            && self.yjs_subscribers.is_empty()
             && self.pending.is_empty()
             && !self.flushing
             && self.last_activity.elapsed() >= self.limits().idle_timeout();
@@ -739,7 +820,9 @@ impl Handler<Disconnect> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Disconnect, ctx: &mut Context<Self>) {
-        self.remove_conn(&msg.conn, ctx);
+        if !self.remove_yjs(&msg.conn) {
+            self.remove_conn(&msg.conn, ctx);
+        }
     }
 }
 
@@ -850,25 +933,171 @@ impl Handler<Edit> for SessionActor {
             Err(refusal) => return msg.reply.refuse(refusal),
         };
         let version = applied.as_ref().map_or(document.version(), |a| a.version);
-        let (op, update) = match applied {
-            Some(applied) => (Some(applied.op), Some(applied.update)),
-            None => (None, None),
+        let change = match applied {
+            Some(applied) => PendingDocChange {
+                doc: msg.doc,
+                version,
+                op: Some(applied.op),
+                update_committed: true,
+                yjs_frame: Some(yjs::update(applied.update.data.clone())),
+                update: Some(applied.update),
+                actor: msg.actor,
+                origin: msg.conn,
+            },
+            None => PendingDocChange {
+                doc: msg.doc,
+                version,
+                op: None,
+                update_committed: false,
+                yjs_frame: None,
+                update: None,
+                actor: msg.actor,
+                origin: msg.conn,
+            },
+        };
+        self.enqueue_write(
+            PendingWrite {
+                event: None,
+                doc: Some(change),
+                reply: Some(msg.reply),
+            },
+            ctx,
+        );
+    }
+}
+
+impl Handler<YjsAttach> for SessionActor {
+    type Result = Result<(), Refusal>;
+
+    fn handle(&mut self, msg: YjsAttach, _ctx: &mut Context<Self>) -> Self::Result {
+        if !self.loaded {
+            return Err(Refusal::not_found(format!(
+                "session {} does not exist or was archived",
+                self.id
+            )));
+        }
+        let document = self
+            .docs
+            .entry(msg.doc.clone())
+            .or_insert_with(|| Document::new(msg.doc.clone()));
+        msg.outbox.do_send(DeliverBinary {
+            frame: yjs::sync_step1(document.state_vector()),
+        });
+        if let Ok(states) = document.awareness().update()
+            && !states.clients.is_empty()
+        {
+            msg.outbox.do_send(DeliverBinary {
+                frame: yjs::awareness(states),
+            });
+        }
+        self.yjs_subscribers.insert(
+            msg.conn,
+            YjsSubscriber {
+                user: msg.user,
+                doc: msg.doc,
+                outbox: msg.outbox,
+                awaiting_sync: None,
+                awareness_clients: Vec::new(),
+            },
+        );
+        self.last_activity = Instant::now();
+        Ok(())
+    }
+}
+
+impl Handler<YjsSyncStep1> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: YjsSyncStep1, _ctx: &mut Context<Self>) {
+        if let Some(subscriber) = self.yjs_subscribers.get_mut(&msg.conn) {
+            subscriber.awaiting_sync = Some(msg.state_vector);
+        }
+        self.answer_yjs_syncs();
+    }
+}
+
+impl Handler<YjsUpdate> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: YjsUpdate, ctx: &mut Context<Self>) {
+        let Some(subscriber) = self.yjs_subscribers.get(&msg.conn) else {
+            return;
+        };
+        if !subscriber.user.role.may_write() {
+            subscriber.outbox.do_send(DeliverBinary {
+                frame: yjs::permission_denied(),
+            });
+            return;
+        }
+        let (doc, actor) = (subscriber.doc.clone(), subscriber.user.actor());
+        let Some(document) = self.docs.get_mut(&doc) else {
+            return;
+        };
+        let applied = match document.apply_yjs_update(msg.data) {
+            Ok(applied) => applied,
+            Err(refusal) => {
+                telemetry::error(refusal.code);
+                tracing::debug!(session = %self.id, doc = %doc, "{}", refusal.message);
+                return;
+            }
         };
         self.enqueue_write(
             PendingWrite {
                 event: None,
                 doc: Some(PendingDocChange {
-                    doc: msg.doc,
-                    version,
-                    op,
-                    update,
-                    actor: msg.actor,
-                    origin: msg.conn,
+                    doc,
+                    version: applied.version,
+                    op: applied.op,
+                    update_committed: true,
+                    yjs_frame: Some(yjs::update(applied.update.data.clone())),
+                    update: Some(applied.update),
+                    actor,
+                    origin: Some(msg.conn),
                 }),
-                reply: Some(msg.reply),
+                reply: None,
             },
             ctx,
         );
+    }
+}
+
+impl Handler<YjsAwareness> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: YjsAwareness, _ctx: &mut Context<Self>) {
+        let Some(subscriber) = self.yjs_subscribers.get_mut(&msg.conn) else {
+            return;
+        };
+        for client in msg.update.clients.keys() {
+            if !subscriber.awareness_clients.contains(client) {
+                subscriber.awareness_clients.push(*client);
+            }
+        }
+        let doc = subscriber.doc.clone();
+        if let Some(document) = self.docs.get_mut(&doc)
+            && let Err(err) = document.awareness_mut().apply_update(msg.update.clone())
+        {
+            tracing::debug!(session = %self.id, %err, "awareness update refused");
+            return;
+        }
+        self.relay_awareness(&doc, Some(&msg.conn), yjs::awareness(msg.update));
+    }
+}
+
+impl Handler<YjsAwarenessQuery> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: YjsAwarenessQuery, _ctx: &mut Context<Self>) {
+        let Some(subscriber) = self.yjs_subscribers.get(&msg.conn) else {
+            return;
+        };
+        if let Some(document) = self.docs.get(&subscriber.doc)
+            && let Ok(states) = document.awareness().update()
+        {
+            subscriber.outbox.do_send(DeliverBinary {
+                frame: yjs::awareness(states),
+            });
+        }
     }
 }
 

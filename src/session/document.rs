@@ -7,10 +7,15 @@
 //! could take back.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
+use yrs::sync::Awareness;
+use yrs::types::Delta;
+use yrs::types::text::TextEvent;
 use yrs::updates::decoder::Decode;
 use yrs::{
-    Doc, GetString, OffsetKind, Options, ReadTxn, StateVector, Text, TextRef, Transact, Update,
+    Doc, GetString, Observable, OffsetKind, Options, Out, ReadTxn, StateVector, Text, TextRef,
+    Transact, Update,
 };
 
 use super::ot::{Component, Operation, transform, utf16_len};
@@ -33,6 +38,19 @@ pub struct AppliedEdit {
     pub update: DocUpdate,
 }
 
+/// A Yjs update accepted and applied in memory, waiting for its batch to commit.
+#[derive(Debug, Clone)]
+pub struct AppliedYjsUpdate {
+    /// The change to `content` as an operation on the version before `version`; `None` when the
+    /// update touched only other shared types (no new version).
+    pub op: Option<Operation>,
+    pub version: u64,
+    pub update: DocUpdate,
+}
+
+/// Text deltas observed during one transaction, turned into an operation.
+type DeltaSink = Arc<Mutex<Vec<Component>>>;
+
 /// Why a stored document could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[error("document {doc}: {reason}")]
@@ -45,6 +63,10 @@ pub struct Document {
     name: DocName,
     doc: Doc,
     text: TextRef,
+    /// Filled by the `content` observer while an update applies; owned by this document alone.
+    deltas: DeltaSink,
+    /// The Yjs clients' awareness states for this document.
+    awareness: Awareness,
     /// The version including edits not yet committed.
     version: u64,
     next_seq: u64,
@@ -52,33 +74,54 @@ pub struct Document {
     history: VecDeque<(u64, Operation)>,
     committed_text: Vec<u16>,
     committed_version: u64,
+    /// Updates applied in memory whose batch has not committed yet.
+    uncommitted: u64,
     /// The seq the stored snapshot covers; updates after it are replayed on load.
     snapshot_seq: u64,
     compacting: bool,
 }
 
-fn new_doc() -> (Doc, TextRef) {
+fn new_doc() -> (Doc, TextRef, DeltaSink) {
     let doc = Doc::with_options(Options {
         offset_kind: OffsetKind::Utf16,
         ..Options::default()
     });
     let text = doc.get_or_insert_text(CONTENT);
-    (doc, text)
+    let deltas: DeltaSink = Arc::default();
+    let sink = deltas.clone();
+    text.observe("conclave-delta", move |txn, event: &TextEvent| {
+        let mut sink = sink.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for delta in event.delta(txn) {
+            sink.push(match delta {
+                Delta::Retain(n, _) => Component::Retain(u64::from(*n)),
+                Delta::Deleted(n) => Component::Delete(u64::from(*n)),
+                Delta::Inserted(Out::Any(yrs::Any::String(s)), _) => {
+                    Component::Insert(s.to_string())
+                }
+                // Embeds have no JSON view: one U+FFFC keeps the offsets right (OT.md).
+                Delta::Inserted(_, _) => Component::Insert("\u{FFFC}".to_owned()),
+            });
+        }
+    });
+    (doc, text, deltas)
 }
 
 impl Document {
     /// A document that does not exist yet: version 0, empty.
     pub fn new(name: DocName) -> Self {
-        let (doc, text) = new_doc();
+        let (doc, text, deltas) = new_doc();
         Self {
             name,
+            awareness: Awareness::new(doc.clone()),
             doc,
             text,
+            deltas,
             version: 0,
             next_seq: 1,
             history: VecDeque::new(),
             committed_text: Vec::new(),
             committed_version: 0,
+            uncommitted: 0,
             snapshot_seq: 0,
             compacting: false,
         }
@@ -90,7 +133,7 @@ impl Document {
             doc: stored.name.to_string(),
             reason,
         };
-        let (doc, text) = new_doc();
+        let (doc, text, deltas) = new_doc();
         {
             let mut txn = doc.transact_mut();
             let snapshot = stored.snapshot.iter().map(|s| &s.data);
@@ -100,16 +143,20 @@ impl Document {
             }
         }
         let committed_text = text.get_string(&doc.transact()).encode_utf16().collect();
+        deltas.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let version = stored.version();
         Ok(Self {
             name: stored.name.clone(),
+            awareness: Awareness::new(doc.clone()),
             doc,
             text,
+            deltas,
             version,
             next_seq: stored.last_seq() + 1,
             history: VecDeque::new(),
             committed_text,
             committed_version: version,
+            uncommitted: 0,
             snapshot_seq: stored.snapshot.as_ref().map_or(0, |s| s.upto_seq),
             compacting: false,
         })
@@ -171,6 +218,8 @@ impl Document {
             }
             txn.encode_update_v1()
         };
+        // The observer saw this edit too; the operation is already known.
+        self.take_deltas();
         self.version += 1;
         self.history.push_back((self.version, op.clone()));
         if self.history.len() > HISTORY {
@@ -178,6 +227,7 @@ impl Document {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.uncommitted += 1;
         Ok(Some(AppliedEdit {
             op,
             version: self.version,
@@ -190,23 +240,96 @@ impl Document {
         }))
     }
 
+    fn take_deltas(&self) -> Vec<Component> {
+        std::mem::take(&mut *self.deltas.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Applies an update from a Yjs client. A change to `content` becomes a new version with its
+    /// operation in the OT history, so JSON clients can follow and rebase on it.
+    pub fn apply_yjs_update(&mut self, data: Vec<u8>) -> Result<AppliedYjsUpdate, Refusal> {
+        let update = Update::decode_v1(&data)
+            .map_err(|e| Refusal::bad_request(format!("undecodable Yjs update: {e}")))?;
+        self.take_deltas();
+        self.doc
+            .transact_mut()
+            .apply_update(update)
+            .map_err(|e| Refusal::bad_request(format!("Yjs update did not apply: {e}")))?;
+        let op = Operation::normalize(self.take_deltas())
+            .ok()
+            .filter(|op| !op.is_noop());
+        if let Some(op) = &op {
+            self.version += 1;
+            self.history.push_back((self.version, op.clone()));
+            if self.history.len() > HISTORY {
+                self.history.pop_front();
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.uncommitted += 1;
+        Ok(AppliedYjsUpdate {
+            op,
+            version: self.version,
+            update: DocUpdate {
+                doc: self.name.clone(),
+                seq,
+                version: self.version,
+                data,
+            },
+        })
+    }
+
+    /// Whether everything applied in memory is committed.
+    pub fn is_settled(&self) -> bool {
+        self.uncommitted == 0
+    }
+
+    /// The document's state vector, for the server's sync step 1.
+    pub fn state_vector(&self) -> StateVector {
+        self.doc.transact().state_vector()
+    }
+
+    /// What a Yjs client with state vector `sv` is missing (sync step 2).
+    pub fn diff(&self, sv: &StateVector) -> Vec<u8> {
+        self.doc.transact().encode_diff_v1(sv)
+    }
+
+    pub fn awareness(&self) -> &Awareness {
+        &self.awareness
+    }
+
+    pub fn awareness_mut(&mut self) -> &mut Awareness {
+        &mut self.awareness
+    }
+
     /// The version the next edit would be based on, committed or not.
     pub fn version(&self) -> u64 {
         self.version
     }
 
-    /// Advances the committed mirror by one committed edit.
-    pub fn committed(&mut self, version: u64, op: &Operation) {
+    /// Advances the committed mirror by one committed update (`op` is its change to the text).
+    pub fn committed(&mut self, version: u64, op: Option<&Operation>) {
+        self.uncommitted = self.uncommitted.saturating_sub(1);
+        if self.uncommitted == 0 {
+            // Nothing in memory is uncommitted: the mirror is the document itself. This also
+            // heals a mirror that an op could not reach (a Yjs client that split a surrogate
+            // pair, which JS strings allow).
+            self.committed_text = self
+                .text
+                .get_string(&self.doc.transact())
+                .encode_utf16()
+                .collect();
+            self.committed_version = version;
+            return;
+        }
+        let Some(op) = op else { return };
         match op.apply(&self.committed_text) {
-            Ok(text) => {
-                self.committed_text = text;
-                self.committed_version = version;
-            }
-            // Cannot happen: the op was checked against a text that includes this one.
+            Ok(text) => self.committed_text = text,
             Err(err) => {
-                tracing::error!(doc = %self.name, %err, "committed op did not apply to the mirror")
+                tracing::warn!(doc = %self.name, %err, "op did not apply to the mirror; it heals when settled")
             }
         }
+        self.committed_version = version;
     }
 
     /// The committed state, as `joined` and REST show it.
@@ -226,10 +349,7 @@ impl Document {
     /// A snapshot of the whole document, if everything in memory is committed and no other
     /// compaction is running. Marks the document as compacting.
     pub fn begin_compaction(&mut self) -> Option<DocSnapshot> {
-        if self.compacting
-            || self.version != self.committed_version
-            || self.updates_since_snapshot() == 0
-        {
+        if self.compacting || !self.is_settled() || self.updates_since_snapshot() == 0 {
             return None;
         }
         self.compacting = true;

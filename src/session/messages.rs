@@ -214,3 +214,54 @@ pub struct Drain;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Archive;
+
+/// One binary y-websocket frame for a Yjs connection to write.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct DeliverBinary {
+    pub frame: bytes::Bytes,
+}
+
+/// A Yjs connection subscribes to one document. The server's sync step 1 and the current
+/// awareness states arrive through `outbox`.
+#[derive(Message)]
+#[rtype(result = "Result<(), Refusal>")]
+pub struct YjsAttach {
+    pub conn: ConnId,
+    pub user: UserInfo,
+    pub doc: DocName,
+    pub outbox: Recipient<DeliverBinary>,
+}
+
+/// A Yjs client's sync step 1: it is answered with step 2 once the document has no
+/// uncommitted change, so it never receives state a crash could take back.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct YjsSyncStep1 {
+    pub conn: ConnId,
+    pub state_vector: yrs::StateVector,
+}
+
+/// A Yjs client's update (sync step 2 or an incremental update), applied through the group
+/// commit like any edit.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct YjsUpdate {
+    pub conn: ConnId,
+    pub data: Vec<u8>,
+}
+
+/// A Yjs client's awareness update, relayed to the document's other Yjs clients.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct YjsAwareness {
+    pub conn: ConnId,
+    pub update: yrs::sync::awareness::AwarenessUpdate,
+}
+
+/// A Yjs client asks for every awareness state.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct YjsAwarenessQuery {
+    pub conn: ConnId,
+}

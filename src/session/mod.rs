@@ -10,7 +10,8 @@ mod registry;
 
 pub use actor::SessionActor;
 pub use messages::{
-    Archive, Committed, ConnId, Deliver, Disconnect, Drain, Edit, FrameClass, Inspect, Join, Leave,
-    LiveView, PostChat, ReadDoc, Reply, SetPresence,
+    Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit, FrameClass,
+    Inspect, Join, Leave, LiveView, PostChat, ReadDoc, Reply, SetPresence, YjsAttach, YjsAwareness,
+    YjsAwarenessQuery, YjsSyncStep1, YjsUpdate,
 };
 pub use registry::{SessionDeps, SessionRegistry};
