@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod http;
+pub mod memory;
 pub mod node;
 pub mod protocol;
 pub mod server;

@@ -79,6 +79,7 @@ pub async fn start_with_store(
         limits: config.limits.clone(),
     });
 
+    actix::spawn(crate::memory::trim_after_passivation(node.registry.clone()));
     let app_node = node.clone();
     let server =
         HttpServer::new(move || App::new().configure(crate::http::configure(app_node.clone())))

@@ -107,7 +107,7 @@ fn edit_for(text: &[u16], pick: u64, marker: &str) -> Operation {
     let chars: Vec<char> = s.chars().collect();
     let at_char = (pick % (chars.len() as u64 + 1)) as usize;
     let at: u64 = chars[..at_char].iter().map(|c| c.len_utf16() as u64).sum();
-    if pick % 3 == 0 && at_char < chars.len() {
+    if pick.is_multiple_of(3) && at_char < chars.len() {
         let len = ((pick / 7) % 3 + 1) as usize;
         let end = (at_char + len).min(chars.len());
         let del: u64 = chars[at_char..end]
@@ -182,8 +182,8 @@ fn run(steps: &[(u8, u64)]) {
     // Quiesce: deliver everything, in rounds, until nothing moves.
     loop {
         let mut moved = false;
-        for k in 0..n {
-            while let Some((base, op)) = clients[k].upstream.pop_front() {
+        for (k, client) in clients.iter_mut().enumerate() {
+            while let Some((base, op)) = client.upstream.pop_front() {
                 server.receive(k, base, op);
                 moved = true;
             }

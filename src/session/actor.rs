@@ -123,6 +123,13 @@ pub struct SessionActor {
     flush_timer: Option<SpawnHandle>,
     flushing: bool,
     drain_waiters: Vec<oneshot::Sender<()>>,
+    /// Document updates accepted into a batch, and those committed (or refused) since.
+    doc_writes_accepted: u64,
+    doc_writes_settled: u64,
+    /// Joins that arrived while document updates were uncommitted, with the count they wait
+    /// for: their snapshot must include every edit accepted before them, or a client that
+    /// reconnects would not see its own last edit and send it again.
+    deferred_joins: Vec<(u64, Join)>,
     last_activity: Instant,
 }
 
@@ -148,6 +155,9 @@ impl SessionActor {
             flush_timer: None,
             flushing: false,
             drain_waiters: Vec::new(),
+            doc_writes_accepted: 0,
+            doc_writes_settled: 0,
+            deferred_joins: Vec::new(),
             last_activity: Instant::now(),
         }
     }
@@ -191,6 +201,9 @@ impl SessionActor {
     }
 
     fn enqueue_write(&mut self, write: PendingWrite, ctx: &mut Context<Self>) {
+        if write.doc.as_ref().is_some_and(|d| d.update.is_some()) {
+            self.doc_writes_accepted += 1;
+        }
         self.pending.push(write);
         self.last_activity = Instant::now();
         if self.flushing {
@@ -281,14 +294,28 @@ impl SessionActor {
             }
         }
         self.answer_yjs_syncs();
+        self.run_deferred_joins(ctx);
         self.compact_docs(self.limits().doc_compact_every, ctx);
     }
 
+    /// Completes the joins whose awaited document updates have all committed or been refused.
+    fn run_deferred_joins(&mut self, ctx: &mut Context<Self>) {
+        let settled = self.doc_writes_settled;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred_joins)
+            .into_iter()
+            .partition(|(target, _)| *target <= settled);
+        self.deferred_joins = waiting;
+        for (_, join) in ready {
+            self.complete_join(join, ctx);
+        }
+    }
+
     fn on_doc_committed(&mut self, change: PendingDocChange, reply: Option<Reply>) {
-        if let Some(document) = self.docs.get_mut(&change.doc)
-            && change.update_committed
-        {
-            document.committed(change.version, change.op.as_ref());
+        if change.update_committed {
+            self.doc_writes_settled += 1;
+            if let Some(document) = self.docs.get_mut(&change.doc) {
+                document.committed(change.version, change.op.as_ref());
+            }
         }
         if let Some(frame) = &change.yjs_frame {
             for (conn, subscriber) in &self.yjs_subscribers {
@@ -340,6 +367,8 @@ impl SessionActor {
             reply.refuse(Refusal::storage_unavailable());
         }
         if had_updates {
+            // Everything accepted so far is either committed or refused now.
+            self.doc_writes_settled = self.doc_writes_accepted;
             self.reload_docs(ctx);
         }
     }
@@ -354,6 +383,7 @@ impl SessionActor {
                     Ok(docs) => {
                         act.docs = docs;
                         act.resync_subscribers();
+                        act.run_deferred_joins(ctx);
                     }
                     Err(err) => {
                         tracing::error!(session = %act.id, %err, "documents failed to reload; stopping the session");
@@ -773,6 +803,18 @@ impl Handler<Join> for SessionActor {
                 self.id
             )));
         }
+        if self.doc_writes_settled < self.doc_writes_accepted {
+            self.deferred_joins.push((self.doc_writes_accepted, msg));
+        } else {
+            self.complete_join(msg, ctx);
+        }
+        Ok(())
+    }
+}
+
+impl SessionActor {
+    /// Subscribes a connection and sends it `joined`, then any replay.
+    fn complete_join(&mut self, msg: Join, ctx: &mut Context<Self>) {
         if self.subscribers.contains_key(&msg.conn) {
             // A repeated join answers with a fresh snapshot; membership counts stay right.
             self.remove_conn(&msg.conn, ctx);
@@ -800,7 +842,6 @@ impl Handler<Join> for SessionActor {
                 self.replay(&msg.conn, since, ctx);
             }
         }
-        Ok(())
     }
 }
 
@@ -820,6 +861,8 @@ impl Handler<Disconnect> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Disconnect, ctx: &mut Context<Self>) {
+        self.deferred_joins
+            .retain(|(_, join)| join.conn != msg.conn);
         if !self.remove_yjs(&msg.conn) {
             self.remove_conn(&msg.conn, ctx);
         }

@@ -190,14 +190,25 @@ impl Document {
         }
         let mut op =
             Operation::normalize(components).map_err(|e| Refusal::bad_request(e.to_string()))?;
-        for (_, earlier) in self.history.iter().filter(|(v, _)| *v > base) {
-            op = transform(earlier, &op).1;
-        }
         let current: Vec<u16> = self
             .text
             .get_string(&self.doc.transact())
             .encode_utf16()
             .collect();
+        // The op was written against version `base`: it must fit the document as it was then,
+        // not merely after rebasing (which can stretch a retain over text inserted since).
+        let since_base = self.history.iter().filter(|(v, _)| *v > base);
+        let len_at_base =
+            current.len() as i64 - since_base.map(|(_, h)| h.len_delta()).sum::<i64>();
+        if op.reach() as i64 > len_at_base {
+            return Err(Refusal::bad_request(format!(
+                "the operation reaches {} code units into version {base}, which had {len_at_base}",
+                op.reach()
+            )));
+        }
+        for (_, earlier) in self.history.iter().filter(|(v, _)| *v > base) {
+            op = transform(earlier, &op).1;
+        }
         op.check(&current)
             .map_err(|e| Refusal::bad_request(e.to_string()))?;
         if op.is_noop() {

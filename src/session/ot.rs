@@ -86,10 +86,28 @@ impl Operation {
         base_len(&self.components)
     }
 
+    /// How far into the document the operation reached as written, a dropped final retain
+    /// included.
+    pub fn reach(&self) -> u64 {
+        self.reach.max(self.base_len())
+    }
+
+    /// How much longer (or shorter) the operation makes a document, in UTF-16 units.
+    pub fn len_delta(&self) -> i64 {
+        self.components
+            .iter()
+            .map(|c| match c {
+                Component::Insert(s) => utf16_len(s) as i64,
+                Component::Delete(n) => -(*n as i64),
+                Component::Retain(_) => 0,
+            })
+            .sum()
+    }
+
     /// Checks that the operation fits `text` and cuts no surrogate pair.
     pub fn check(&self, text: &[u16]) -> Result<(), OtError> {
         let len = text.len() as u64;
-        let needed = self.reach.max(self.base_len());
+        let needed = self.reach();
         if needed > len {
             return Err(OtError::OutOfRange { needed, len });
         }
@@ -100,7 +118,9 @@ impl Operation {
                 cursor += n;
             }
         }
-        check_boundary(text, cursor)
+        check_boundary(text, cursor)?;
+        // Where a dropped final retain ended must be a boundary too.
+        check_boundary(text, needed)
     }
 
     /// Applies the operation to UTF-16 text.
@@ -457,6 +477,10 @@ mod tests {
         );
         assert_eq!(
             op(vec![Component::Retain(1), Component::Delete(1)]).apply(&doc),
+            Err(OtError::SplitsSurrogate(2))
+        );
+        assert_eq!(
+            op(vec![Component::Retain(2)]).apply(&doc),
             Err(OtError::SplitsSurrogate(2))
         );
         let ok = op(vec![Component::Retain(3), Component::Insert("x".into())]);

@@ -36,6 +36,8 @@ pub struct SessionRegistry {
     arbiters: Vec<ArbiterHandle>,
     hasher: std::collections::hash_map::RandomState,
     next_generation: AtomicU64,
+    /// Sessions retired since start, for the memory trimmer.
+    retired: AtomicU64,
     deps: Arc<SessionDeps>,
 }
 
@@ -47,6 +49,7 @@ impl SessionRegistry {
             arbiters,
             hasher: Default::default(),
             next_generation: AtomicU64::new(1),
+            retired: AtomicU64::new(0),
             deps: Arc::new(deps),
         })
     }
@@ -99,8 +102,14 @@ impl SessionRegistry {
             .remove_if(id, |_, live| live.generation == generation)
             .is_some()
         {
+            self.retired.fetch_add(1, Ordering::Relaxed);
             telemetry::session_retired();
         }
+    }
+
+    /// How many sessions have been retired (passivated, archived or failed) since start.
+    pub fn retired_total(&self) -> u64 {
+        self.retired.load(Ordering::Relaxed)
     }
 
     fn arbiter_for(&self, id: &SessionId) -> &ArbiterHandle {
