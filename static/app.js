@@ -2,7 +2,9 @@
 //
 // User data only ever reaches the DOM through textContent and attributes; never innerHTML.
 
-import { ConclaveClient, SESSION_NAME } from "./client.js";
+import { ConclaveClient, RequestError, SESSION_NAME } from "./client.js";
+import { DocClient } from "./doc-client.js";
+import { splitsPair, transformCaret } from "./ot.js";
 
 const TOKEN_KEY = "conclave.token";
 const NAME_KEY = "conclave.name";
@@ -11,6 +13,9 @@ const BACKLOG = 100; // chat history fetched on a fresh join
 const IDLE_AFTER_MS = 60_000;
 const TYPING_FOR_MS = 3_000;
 const PRESENCE_MIN_GAP_MS = 300; // at most ~3 presence frames a second
+const DEFAULT_DOC = "main";
+const DOC_NAME = SESSION_NAME; // document names follow the same rule
+const CURSOR_DEBOUNCE_MS = 120;
 
 const $ = (id) => document.getElementById(id);
 
@@ -44,6 +49,21 @@ const ui = {
   chatStatus: $("chat-status"),
   presence: $("presence"),
   presenceCount: $("presence-count"),
+  editor: $("editor"),
+  editorWrap: $("editor-wrap"),
+  cursorLayer: $("cursor-layer"),
+  cursors: $("cursors"),
+  docSelect: $("doc-select"),
+  docOpenForm: $("doc-open-form"),
+  docName: $("doc-name"),
+  docOpen: $("doc-open"),
+  docNameError: $("doc-name-error"),
+  docStatus: $("doc-status"),
+  docStatusText: $("doc-status-text"),
+  docVersion: $("doc-version"),
+  docNotice: $("doc-notice"),
+  docNoticeText: $("doc-notice-text"),
+  docNoticeDismiss: $("doc-notice-dismiss"),
 };
 
 /** Everything about the session on screen; replaced on every join. */
@@ -336,6 +356,8 @@ function onPresence(frame) {
   if (!view || frame.session !== view.session || !frame.conn) return;
   if (frame.gone) {
     view.presence.delete(frame.conn);
+    view.cursors.delete(frame.conn);
+    renderCursors();
   } else {
     const previous = view.presence.get(frame.conn);
     view.presence.set(frame.conn, {
@@ -343,6 +365,7 @@ function onPresence(frame) {
       user: frame.user || previous?.user || null,
       state: frame.state ?? null,
     });
+    updateRemoteCursor(view.presence.get(frame.conn));
   }
   renderPresence();
 }
@@ -422,6 +445,446 @@ class PresenceReporter {
   }
 }
 
+// ---- documents --------------------------------------------------------------------------------
+//
+// One DocClient (doc-client.js) per document of the session, kept up to date from doc frames
+// whether or not it is on screen; the textarea shows the active one. User text only reaches the
+// DOM as textarea value or textContent.
+
+function docUrl(current, doc) {
+  return `/v1/sessions/${encodeURIComponent(current.session)}/docs/${encodeURIComponent(doc)}`;
+}
+
+/** The transport a DocClient talks through: edits over the socket, reloads over REST. */
+function docTransport(current) {
+  return {
+    sendEdit(doc, base, ops) {
+      const entry = current.client.sessions.get(current.session);
+      if (!current.client.canSend || !entry?.joined) {
+        // Not written to any socket, so surely not applied.
+        const error = new RequestError("disconnected", "not connected to the server");
+        error.unsent = true;
+        return Promise.reject(error);
+      }
+      return current.client.request({ type: "edit", session: current.session, doc, base, ops });
+    },
+    async fetchDoc(doc) {
+      const headers = { Accept: "application/json" };
+      if (current.token) headers.Authorization = `Bearer ${current.token}`;
+      const response = await fetch(docUrl(current, doc), { headers, cache: "no-store" });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      const body = await response.json();
+      if (typeof body?.version !== "number" || typeof body?.text !== "string") throw new Error("bad document");
+      return body;
+    },
+  };
+}
+
+/** The DocClient for `name`, made on first use from a snapshot (or empty at version 0). */
+function ensureDoc(current, name, snapshot = null) {
+  let dc = current.docs.get(name);
+  if (dc) return dc;
+  dc = new DocClient({
+    name,
+    version: snapshot?.version ?? 0,
+    text: snapshot?.text ?? "",
+    transport: docTransport(current),
+    onChange: (change) => onDocChange(current, dc, change),
+    onState: () => {
+      if (view === current && current.activeDoc === name) renderDocStatus();
+    },
+    onNotice: (notice) => {
+      if (view !== current) return;
+      showDocNotice(current.activeDoc === name ? notice.message : `“${name}”: ${notice.message}`);
+    },
+  });
+  current.docs.set(name, dc);
+  renderDocList();
+  return dc;
+}
+
+function activeDoc() {
+  return view ? view.docs.get(view.activeDoc) || null : null;
+}
+
+function renderDocList() {
+  if (!view) return;
+  const names = [...view.docs.keys()].sort((a, b) =>
+    (a === DEFAULT_DOC ? -1 : b === DEFAULT_DOC ? 1 : a.localeCompare(b)));
+  const options = names.map((name) => {
+    const option = el("option", { value: name, text: name });
+    if (name === view.activeDoc) option.selected = true;
+    return option;
+  });
+  ui.docSelect.replaceChildren(...options);
+  ui.docSelect.value = view.activeDoc;
+}
+
+function renderDocStatus() {
+  const dc = activeDoc();
+  let state = "idle";
+  let text = "";
+  if (dc) {
+    if (dc.loading) [state, text] = ["loading", "Loading…"];
+    else if (dc.offline && dc.saving) [state, text] = ["offline", "Offline: changes kept until reconnected"];
+    else if (dc.offline) [state, text] = ["offline", "Offline"];
+    else if (dc.saving) [state, text] = ["saving", "Saving…"];
+    else [state, text] = ["saved", "Saved"];
+  }
+  ui.docStatus.dataset.state = state;
+  ui.docStatus.dataset.version = dc ? String(dc.version) : "";
+  if (ui.docStatusText.textContent !== text) ui.docStatusText.textContent = text;
+  ui.docVersion.textContent = dc ? `v${dc.version}` : "";
+  ui.docVersion.title = dc ? `Version ${dc.version} of “${dc.name}” on the server` : "";
+  ui.editor.readOnly = !dc || dc.loading || !view?.mayWrite;
+}
+
+function showDocNotice(message) {
+  ui.docNoticeText.textContent = message;
+  ui.docNotice.hidden = false;
+}
+
+function hideDocNotice() {
+  ui.docNotice.hidden = true;
+  ui.docNoticeText.textContent = "";
+}
+
+ui.docNoticeDismiss.addEventListener("click", hideDocNotice);
+
+/** Shows the active document in the textarea, with the selection it had last time. */
+function showActiveDoc() {
+  const dc = activeDoc();
+  if (!dc) return;
+  const ta = ui.editor;
+  ta.value = dc.text;
+  const sel = view.selections.get(dc.name);
+  if (sel) {
+    ta.setSelectionRange(Math.min(sel.start, dc.text.length), Math.min(sel.end, dc.text.length), sel.dir);
+    ta.scrollTop = sel.scrollTop;
+  } else {
+    ta.setSelectionRange(0, 0);
+    ta.scrollTop = 0;
+  }
+  renderDocList();
+  renderDocStatus();
+  renderCursors();
+  reportCursor();
+}
+
+function rememberSelection() {
+  const dc = activeDoc();
+  if (!dc) return;
+  const ta = ui.editor;
+  view.selections.set(dc.name, {
+    start: ta.selectionStart, end: ta.selectionEnd, dir: ta.selectionDirection, scrollTop: ta.scrollTop,
+  });
+}
+
+function switchDoc(name) {
+  if (!view || !DOC_NAME.test(name)) return;
+  if (view.activeDoc === name && view.docs.has(name)) return;
+  rememberSelection();
+  const known = view.docs.has(name);
+  const dc = ensureDoc(view, name);
+  view.activeDoc = name;
+  hideDocNotice();
+  history.replaceState(null, "", shareUrl(view.session, view.name, name));
+  // A document we have not heard of yet is most likely new; read it to be sure.
+  if (!known && view.joinedOnce) dc.reload(null, "open");
+  showActiveDoc();
+}
+
+/** A change the DocClient made to a document's text (a remote edit or a reload). */
+function onDocChange(current, dc, { text, op, actor }) {
+  if (view !== current) return;
+  // Remote cursors move through the change; a person's own insert pushes their caret along.
+  for (const cursor of current.cursors.values()) {
+    if (cursor.doc !== dc.name) continue;
+    const own = actor && cursor.user?.id === actor.id;
+    cursor.anchor = transformCaret(cursor.anchor, op, own);
+    cursor.head = transformCaret(cursor.head, op, own);
+  }
+  if (current.activeDoc === dc.name) {
+    const ta = ui.editor;
+    const { selectionStart, selectionEnd, selectionDirection, scrollTop } = ta;
+    if (ta.value !== text) {
+      ta.value = text;
+      // Our selection stays on the same characters: someone else's insert right at our caret
+      // goes after it, and one at either edge of a selection stays outside it.
+      const collapsed = selectionStart === selectionEnd;
+      ta.setSelectionRange(transformCaret(selectionStart, op, !collapsed), transformCaret(selectionEnd, op, false),
+        selectionDirection);
+      ta.scrollTop = scrollTop;
+    }
+    // (Our published cursor is not re-sent: the others move it through the same change.)
+  } else {
+    const sel = current.selections.get(dc.name);
+    if (sel) {
+      sel.start = transformCaret(sel.start, op, false);
+      sel.end = transformCaret(sel.end, op, false);
+    }
+  }
+  renderCursors();
+}
+
+ui.editor.addEventListener("input", () => {
+  const dc = activeDoc();
+  if (!dc) return;
+  const value = ui.editor.value;
+  if (value === dc.text) return;
+  let op;
+  try {
+    op = dc.localText(value);
+  } catch {
+    // Cannot happen for a textarea's own text; put the document back rather than diverge.
+    ui.editor.value = dc.text;
+    return;
+  }
+  for (const cursor of view.cursors.values()) {
+    if (cursor.doc !== dc.name) continue;
+    cursor.anchor = transformCaret(cursor.anchor, op, false);
+    cursor.head = transformCaret(cursor.head, op, false);
+  }
+  view.reporter.typing();
+  renderDocStatus();
+  renderCursors();
+  scheduleCursorReport();
+});
+
+ui.docSelect.addEventListener("change", () => switchDoc(ui.docSelect.value));
+
+ui.docOpenForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const name = ui.docName.value.trim();
+  const problem = !name ? "Enter a document name."
+    : name.length > 128 ? "A document name has at most 128 characters."
+      : !DOC_NAME.test(name) ? "Use only letters, digits, “.”, “_” and “-”." : "";
+  showFieldError(ui.docName, ui.docNameError, problem);
+  if (problem) return ui.docName.focus();
+  ui.docName.value = "";
+  switchDoc(name);
+  ui.editor.focus();
+});
+
+ui.docName.addEventListener("input", () => {
+  if (ui.docName.getAttribute("aria-invalid")) showFieldError(ui.docName, ui.docNameError, "");
+});
+
+/** Takes the session's documents from a `joined` frame. */
+function onDocsJoined(current, frame) {
+  const listed = new Map();
+  for (const d of Array.isArray(frame.docs) ? frame.docs : []) {
+    if (d && typeof d.name === "string" && DOC_NAME.test(d.name)) listed.set(d.name, d);
+  }
+  if (!current.joinedOnce) {
+    for (const [name, d] of listed) ensureDoc(current, name, d);
+    const wanted = current.activeDoc;
+    const dc = ensureDoc(current, wanted, listed.get(wanted));
+    if (!listed.has(wanted) && wanted !== DEFAULT_DOC) dc.reload(null, "open");
+    ui.editor.disabled = false;
+    ui.docSelect.disabled = false;
+    ui.docName.disabled = false;
+    ui.docOpen.disabled = false;
+    ui.editor.placeholder = current.mayWrite
+      ? "Start typing. Everyone in the session sees it as you type."
+      : "You can read this document but not edit it.";
+    showActiveDoc();
+    return;
+  }
+  // A rejoin, or (without ref) the server's fresh snapshot after a `reset`. (A DocClient that
+  // drops local edits says so itself, replacing this general notice.)
+  const reset = frame.ref === undefined || frame.ref === null;
+  if (reset) showDocNotice("The server reset this session; documents were reloaded from its saved state.");
+  for (const [name, dc] of current.docs) {
+    dc.rejoined(listed.get(name) || { version: 0, text: "" }, reset);
+  }
+  for (const [name, d] of listed) ensureDoc(current, name, d);
+  renderDocStatus();
+}
+
+function onDocFrame(frame) {
+  if (!view || frame.session !== view.session || typeof frame.doc !== "string" || !DOC_NAME.test(frame.doc)) return;
+  if (!view.joinedOnce) return; // the joined snapshot is still to come
+  ensureDoc(view, frame.doc).remote(frame);
+}
+
+// ---- cursors: ours in presence, others' in a list and an overlay ------------------------------
+
+let cursorTimer = null;
+
+function scheduleCursorReport() {
+  if (!view || cursorTimer) return;
+  cursorTimer = setTimeout(() => {
+    cursorTimer = null;
+    reportCursor();
+  }, CURSOR_DEBOUNCE_MS);
+}
+
+/** Publishes our selection in the active document (merged into the presence status). */
+function reportCursor() {
+  const dc = activeDoc();
+  if (!dc) return;
+  const ta = ui.editor;
+  const backward = ta.selectionDirection === "backward";
+  const anchor = backward ? ta.selectionEnd : ta.selectionStart;
+  const head = backward ? ta.selectionStart : ta.selectionEnd;
+  view.reporter.set({ cursor: { doc: dc.name, anchor, head } });
+}
+
+for (const type of ["select", "keyup", "mouseup", "focus"]) {
+  ui.editor.addEventListener(type, () => scheduleCursorReport());
+}
+document.addEventListener("selectionchange", () => {
+  if (document.activeElement === ui.editor) scheduleCursorReport();
+});
+
+/** Takes a remote cursor from a presence entry. */
+function updateRemoteCursor(entry) {
+  if (!view || !entry) return;
+  const cursor = entry.state && typeof entry.state === "object" ? entry.state.cursor : null;
+  const ok = cursor && typeof cursor.doc === "string" && Number.isSafeInteger(cursor.anchor) &&
+    Number.isSafeInteger(cursor.head) && cursor.anchor >= 0 && cursor.head >= 0;
+  if (!ok || entry.conn === view.client.conn) {
+    if (view.cursors.delete(entry.conn)) renderCursors();
+    return;
+  }
+  view.cursors.set(entry.conn, {
+    conn: entry.conn, user: entry.user || {}, doc: cursor.doc, anchor: cursor.anchor, head: cursor.head,
+  });
+  renderCursors();
+}
+
+/** An index moved into the text and off the middle of a surrogate pair. */
+function clampIndex(text, i) {
+  let at = Math.max(0, Math.min(i, text.length));
+  if (splitsPair(text, at)) at -= 1;
+  return at;
+}
+
+function lineCol(text, index) {
+  const before = text.slice(0, index);
+  const line = before.split("\n").length;
+  const col = [...before.slice(before.lastIndexOf("\n") + 1)].length + 1;
+  return { line, col };
+}
+
+let cursorFrame = 0;
+
+function renderCursors() {
+  if (cursorFrame) return;
+  cursorFrame = requestAnimationFrame(() => {
+    cursorFrame = 0;
+    drawCursors();
+  });
+}
+
+function drawCursors() {
+  if (!view) {
+    ui.cursors.replaceChildren();
+    ui.cursorLayer.replaceChildren();
+    return;
+  }
+  const dc = activeDoc();
+  const text = dc ? dc.text : "";
+  const list = [...view.cursors.values()]
+    .filter((c) => c.user?.id)
+    .sort((a, b) => (a.user.name || "").localeCompare(b.user.name || "") || a.conn.localeCompare(b.conn));
+  const items = [];
+  const here = [];
+  for (const c of list) {
+    const hue = String(hueOf(c.user.id));
+    const name = c.user.name || "anonymous";
+    let where;
+    if (dc && c.doc === dc.name) {
+      const head = clampIndex(text, c.head);
+      const anchor = clampIndex(text, c.anchor);
+      const { line, col } = lineCol(text, head);
+      const selected = Math.abs(head - anchor);
+      where = `line ${line}, col ${col}${selected ? ` (${selected} selected)` : ""}`;
+      here.push({ c, head, hue, name });
+    } else {
+      where = `in “${c.doc}”`;
+    }
+    items.push(el("li", { class: "cursor-item", "data-conn": c.conn, style: { "--hue": hue } },
+      el("span", { class: "cursor-swatch", "aria-hidden": "true" }),
+      el("span", { class: "cursor-name", text: name }),
+      el("span", { class: "cursor-where", text: ` — ${where}` })));
+  }
+  ui.cursors.replaceChildren(...items);
+  ui.cursors.hidden = items.length === 0;
+  drawCaretOverlay(here);
+}
+
+// The overlay: each remote caret drawn where a hidden copy of the textarea's text puts it.
+const MIRRORED = ["boxSizing", "borderTopWidth", "borderRightWidth", "borderBottomWidth", "borderLeftWidth",
+  "paddingTop", "paddingRight", "paddingBottom", "paddingLeft", "fontStyle", "fontVariant", "fontWeight",
+  "fontStretch", "fontSize", "fontFamily", "lineHeight", "letterSpacing", "wordSpacing", "textTransform",
+  "textIndent", "tabSize", "textAlign"];
+let mirror = null;
+
+function drawCaretOverlay(cursors) {
+  const ta = ui.editor;
+  if (cursors.length === 0 || ta.clientWidth === 0) {
+    ui.cursorLayer.replaceChildren();
+    return;
+  }
+  if (!mirror) {
+    mirror = el("div", { class: "editor-mirror", "aria-hidden": "true" });
+    ui.editorWrap.append(mirror);
+  }
+  const cs = getComputedStyle(ta);
+  for (const prop of MIRRORED) mirror.style[prop] = cs[prop];
+  mirror.style.boxSizing = "content-box";
+  mirror.style.borderStyle = "solid";
+  mirror.style.borderColor = "transparent";
+  const padX = parseFloat(cs.paddingLeft) + parseFloat(cs.paddingRight);
+  mirror.style.width = `${Math.max(0, ta.clientWidth - padX)}px`;
+  const lineHeight = parseFloat(cs.lineHeight) || parseFloat(cs.fontSize) * 1.4;
+  const value = ta.value;
+  const markers = [];
+  for (const { head, hue, name } of cursors) {
+    mirror.textContent = value.slice(0, head);
+    const mark = document.createElement("span");
+    mark.textContent = value.slice(head) || ".";
+    mirror.append(mark);
+    // The mirror has the textarea's borders and padding: offsets land in the same box.
+    const x = mark.offsetLeft - ta.scrollLeft;
+    const y = mark.offsetTop - ta.scrollTop;
+    const visible = y + lineHeight > ta.clientTop && y < ta.clientTop + ta.clientHeight &&
+      x >= ta.clientLeft && x <= ta.clientLeft + ta.clientWidth;
+    if (!visible) continue;
+    markers.push(el("div", {
+      class: y - ta.clientTop < lineHeight ? "remote-caret label-below" : "remote-caret",
+      style: { "--hue": hue, left: `${x}px`, top: `${y}px`, height: `${lineHeight}px` },
+    }, el("span", { class: "remote-caret-label", text: name })));
+  }
+  mirror.textContent = "";
+  ui.cursorLayer.replaceChildren(...markers);
+}
+
+ui.editor.addEventListener("scroll", () => renderCursors());
+if (typeof ResizeObserver !== "undefined") new ResizeObserver(() => renderCursors()).observe(ui.editor);
+
+function resetEditor() {
+  ui.editor.value = "";
+  ui.editor.disabled = true;
+  ui.editor.readOnly = false;
+  ui.editor.placeholder = "Join a session to edit its documents";
+  ui.docSelect.replaceChildren();
+  ui.docSelect.disabled = true;
+  ui.docName.value = "";
+  ui.docName.disabled = true;
+  ui.docOpen.disabled = true;
+  showFieldError(ui.docName, ui.docNameError, "");
+  hideDocNotice();
+  ui.docStatus.dataset.state = "idle";
+  ui.docStatusText.textContent = "";
+  ui.docVersion.textContent = "";
+  ui.cursors.replaceChildren();
+  ui.cursors.hidden = true;
+  ui.cursorLayer.replaceChildren();
+}
+
 // ---- chat input -------------------------------------------------------------------------------
 
 function setChatStatus(message, kind = "", reason = "") {
@@ -489,12 +952,13 @@ function showJoinForm() {
   document.title = "Conclave";
 }
 
-function shareUrl(session, name) {
+function shareUrl(session, name, doc = DEFAULT_DOC) {
   const params = new URLSearchParams({ session, name });
+  if (doc && doc !== DEFAULT_DOC) params.set("doc", doc);
   return `${location.pathname}?${params}`;
 }
 
-function startSession(session, name, token) {
+function startSession(session, name, token, doc = DEFAULT_DOC) {
   stopSession();
   hideError();
   const client = new ConclaveClient({ name, token });
@@ -510,8 +974,14 @@ function startSession(session, name, token) {
     resetAt: null,
     sending: false,
     reporter: new PresenceReporter(client, session),
+    docs: new Map(), // name → DocClient
+    activeDoc: DOC_NAME.test(doc) ? doc : DEFAULT_DOC,
+    selections: new Map(), // name → the textarea selection when it was last shown
+    cursors: new Map(), // conn → {conn, user, doc, anchor, head}: others' cursors
+    mayWrite: true,
   };
   const current = view;
+  resetEditor();
 
   ui.chatLog.replaceChildren();
   ui.resetBanner.hidden = true;
@@ -532,25 +1002,36 @@ function startSession(session, name, token) {
     // A "not connected" failure is stale once the connection is back; the text is still there
     // to send again.
     if (e.detail.state === "live" && ui.chatStatus.dataset.reason === "disconnected") setChatStatus("");
+    // Until the next `joined`, document edits wait (it tells whether the one in flight landed).
+    if (e.detail.state !== "live") for (const dc of current.docs.values()) dc.disconnected();
+    renderDocStatus();
   });
   client.addEventListener("welcome", (e) => {
-    if (view === current && e.detail.user?.name) ui.userName.textContent = e.detail.user.name;
+    if (view !== current) return;
+    if (e.detail.user?.name) ui.userName.textContent = e.detail.user.name;
+    const role = e.detail.user?.role;
+    current.mayWrite = !role || role === "editor" || role === "admin";
+    renderDocStatus();
   });
   client.addEventListener("joined", (e) => {
     if (view !== current || e.detail.session !== session) return;
     const frame = e.detail;
     current.members = new Map((frame.members || []).filter((u) => u && u.id).map((u) => [u.id, u]));
     current.presence = new Map((frame.presence || []).filter((p) => p && p.conn).map((p) => [p.conn, p]));
+    current.cursors.clear();
+    for (const entry of current.presence.values()) updateRemoteCursor(entry);
     renderPresence();
+    onDocsJoined(current, frame);
     if (!current.joinedOnce) {
       current.joinedOnce = true;
-      history.replaceState(null, "", shareUrl(session, name));
+      history.replaceState(null, "", shareUrl(session, name, current.activeDoc));
       current.reporter.flush();
       fetchBacklog(frame.offset);
     }
   });
   client.addEventListener("event", (e) => onEvent(e.detail));
   client.addEventListener("presence", (e) => onPresence(e.detail));
+  client.addEventListener("doc", (e) => onDocFrame(e.detail));
   client.addEventListener("reset", (e) => {
     if (view !== current || e.detail.session !== session) return;
     current.resetAt = Date.now();
@@ -598,7 +1079,11 @@ function stopSession() {
   const old = view;
   view = null;
   old.reporter.dispose();
+  for (const dc of old.docs.values()) dc.close();
   old.client.stop();
+  clearTimeout(cursorTimer);
+  cursorTimer = null;
+  resetEditor();
   clearInterval(countdownTimer);
   renderConnection({ state: "stopped" });
 }
@@ -671,6 +1156,7 @@ function init() {
   const session = (params.get("session") || "").trim();
   const name = (params.get("name") || "").trim() || storage.get(NAME_KEY);
   const token = storage.get(TOKEN_KEY);
+  const doc = (params.get("doc") || "").trim();
   ui.sessionInput.value = session;
   ui.nameInput.value = name;
   ui.tokenInput.value = token;
@@ -681,7 +1167,7 @@ function init() {
     const sessionProblem = validateSession(session);
     const nameProblem = validateName(name);
     if (!sessionProblem && !nameProblem) {
-      startSession(session, name, token);
+      startSession(session, name, token, DOC_NAME.test(doc) ? doc : DEFAULT_DOC);
       return;
     }
     showFieldError(ui.sessionInput, ui.sessionError, sessionProblem);

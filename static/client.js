@@ -128,6 +128,11 @@ export class ConclaveClient extends EventTarget {
     return this.state === "live";
   }
 
+  /** Whether a frame sent now is written to an open socket (false while it is closing). */
+  get canSend() {
+    return this.live && !!this._ws && this._ws.readyState === WebSocket.OPEN;
+  }
+
   // ---- requests -------------------------------------------------------------------------------
 
   /**
