@@ -79,3 +79,7 @@ pub fn commit_latency(backend: &'static str, took: Duration, events: usize) {
 pub fn auth_failure(door: &'static str, reason: &'static str) {
     counter!("conclave_auth_failures_total", "door" => door, "reason" => reason).increment(1);
 }
+
+pub fn slow_consumer(kind: &'static str) {
+    counter!("conclave_slow_consumers_total", "kind" => kind).increment(1);
+}

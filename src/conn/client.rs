@@ -58,8 +58,8 @@ impl ClientConn {
             Pushed::Queued | Pushed::Shed => {}
             Pushed::SlowConsumer => {
                 tracing::info!(conn = %self.id, queued = self.outbound.queued_bytes(), "slow consumer dropped");
-                telemetry::error(ErrorCode::RateLimited);
-                self.outbound.abort();
+                telemetry::slow_consumer("user");
+                self.outbound.drop_slow_consumer();
                 ctx.stop();
             }
             Pushed::Closed => ctx.stop(),
@@ -113,10 +113,13 @@ impl ClientConn {
                 epoch,
             } => self.join(principal, session, since, epoch, reference, ctx),
             Command::Leave { session } => match self.joined.remove(&session) {
-                Some(addr) => addr.do_send(Leave {
-                    conn: self.id.clone(),
-                    reply: Self::reply(reference, ctx),
-                }),
+                Some(addr) => {
+                    let msg = Leave {
+                        conn: self.id.clone(),
+                        reply: Self::reply(reference.clone(), ctx),
+                    };
+                    self.forward(addr, msg, reference, ctx);
+                }
                 None => self.refuse(reference.as_deref(), &not_joined(&session), ctx),
             },
             Command::Chat { session, text } => {
@@ -376,6 +379,9 @@ impl Handler<Deliver> for ClientConn {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
+        if let Some(session) = &msg.ends_membership {
+            self.joined.remove(session);
+        }
         self.send_frame(msg.frame, msg.class, ctx);
     }
 }

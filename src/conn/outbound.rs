@@ -2,85 +2,124 @@
 //!
 //! actix-ws sends through a small channel whose `send` waits when the client does not read. The
 //! connection actor must never wait on that, so frames go into this queue and a local task
-//! writes them in order. The queue counts the bytes it holds; when a frame would push it past its
-//! bound, presence is shed and anything else marks the client a slow consumer, which the caller
-//! disconnects. A stalled reader therefore costs at most the bound, never unbounded memory.
+//! writes them in order. The queue counts the bytes it holds, live frames and replayed history
+//! apart: when a live frame would push it past its bound, presence is shed and anything else
+//! marks the client a slow consumer; replay has its own, larger allowance so a client that fell
+//! behind can catch up. A slow consumer's queued frames are discarded and it gets a close frame
+//! (1013), so a stalled reader costs at most the bounds, never unbounded memory.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use actix_ws::{CloseCode, CloseReason, Session};
 use bytestring::ByteString;
 use tokio::sync::mpsc;
 
-use crate::session::FrameClass;
+use crate::session::{FrameClass, REPLAY_BUDGET_FACTOR};
+
+/// Which byte count a queued frame is charged to.
+#[derive(Clone, Copy)]
+enum Account {
+    Live,
+    Replay,
+}
 
 enum Outgoing {
-    Text(ByteString),
-    Binary(bytes::Bytes),
+    Text(ByteString, Account),
+    Binary(bytes::Bytes, Account),
     Ping,
     Close(CloseReason),
 }
 
-/// What [`Outbound::push`] did with a frame.
+/// What [`Outbound::push_text`] did with a frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
     /// A presence frame was dropped because the client is behind.
     Shed,
-    /// The client is too far behind: the caller must disconnect it.
+    /// The client is too far behind: the caller must disconnect it (see
+    /// [`Outbound::drop_slow_consumer`]).
     SlowConsumer,
     /// The writer has stopped: the socket is gone.
     Closed,
 }
 
+/// Bytes queued per account, shared with the writer.
+#[derive(Default)]
+struct Queued {
+    live: AtomicUsize,
+    replay: AtomicUsize,
+    /// Set when the client is dropped: the writer skips everything up to the close frame.
+    discard: AtomicBool,
+}
+
+impl Queued {
+    fn counter(&self, account: Account) -> &AtomicUsize {
+        match account {
+            Account::Live => &self.live,
+            Account::Replay => &self.replay,
+        }
+    }
+}
+
 /// The sending half, owned by the connection actor.
 pub struct Outbound {
     tx: mpsc::UnboundedSender<Outgoing>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Queued>,
     limit: usize,
-    writer: tokio::task::AbortHandle,
 }
 
 /// How long one write may wait for the client to read before the socket is given up. It also
 /// bounds how long a writer outlives its connection actor while flushing a close frame.
-const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+const WRITE_STALL: Duration = Duration::from_secs(30);
 
 impl Outbound {
     /// Starts the writer task for `session` on the current arbiter. The task outlives the
     /// connection actor just long enough to flush a final close frame.
     pub fn start(session: Session, limit: usize) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let writer = actix::spawn(write_loop(session, rx, queued.clone())).abort_handle();
-        Self {
-            tx,
-            queued,
-            limit,
-            writer,
-        }
+        let queued = Arc::new(Queued::default());
+        actix::spawn(write_loop(session, rx, queued.clone()));
+        Self { tx, queued, limit }
     }
 
     pub fn push_text(&self, frame: ByteString, class: FrameClass) -> Pushed {
         let len = frame.len();
-        self.push(len, class, Outgoing::Text(frame))
+        self.push(len, class, |account| Outgoing::Text(frame, account))
     }
 
     pub fn push_binary(&self, frame: bytes::Bytes, class: FrameClass) -> Pushed {
         let len = frame.len();
-        self.push(len, class, Outgoing::Binary(frame))
+        self.push(len, class, |account| Outgoing::Binary(frame, account))
     }
 
-    fn push(&self, len: usize, class: FrameClass, item: Outgoing) -> Pushed {
-        let queued = self.queued.load(Ordering::Relaxed);
-        if queued + len > self.limit && queued > 0 {
+    fn push(
+        &self,
+        len: usize,
+        class: FrameClass,
+        item: impl FnOnce(Account) -> Outgoing,
+    ) -> Pushed {
+        if self.queued.discard.load(Ordering::Relaxed) {
+            return Pushed::Closed;
+        }
+        let (account, limit) = match class {
+            FrameClass::Replay => (
+                Account::Replay,
+                self.limit.saturating_mul(REPLAY_BUDGET_FACTOR),
+            ),
+            FrameClass::Ordered | FrameClass::Presence => (Account::Live, self.limit),
+        };
+        let counter = self.queued.counter(account);
+        let queued = counter.load(Ordering::Relaxed);
+        if queued + len > limit && queued > 0 {
             return match class {
                 FrameClass::Presence => Pushed::Shed,
-                FrameClass::Ordered => Pushed::SlowConsumer,
+                FrameClass::Ordered | FrameClass::Replay => Pushed::SlowConsumer,
             };
         }
-        self.queued.fetch_add(len, Ordering::Relaxed);
-        if self.tx.send(item).is_err() {
+        counter.fetch_add(len, Ordering::Relaxed);
+        if self.tx.send(item(account)).is_err() {
             return Pushed::Closed;
         }
         Pushed::Queued
@@ -98,34 +137,48 @@ impl Outbound {
         }));
     }
 
-    /// Bytes waiting to be written.
-    pub fn queued_bytes(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+    /// Drops a client that cannot keep up: everything still queued is discarded, and the close
+    /// frame (1013, "try again later") goes out as soon as the socket has room for it. The
+    /// client resumes from its last offset.
+    pub fn drop_slow_consumer(&self) {
+        self.queued.discard.store(true, Ordering::Relaxed);
+        self.close(
+            CloseCode::Again,
+            "too slow: reconnect and resume from your offset",
+        );
     }
 
-    /// Stops writing at once: for a client that does not read, whose queue may never drain.
-    pub fn abort(&self) {
-        self.writer.abort();
+    /// Bytes waiting to be written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.live.load(Ordering::Relaxed) + self.queued.replay.load(Ordering::Relaxed)
     }
 }
 
 async fn write_loop(
     mut session: Session,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Queued>,
 ) {
     while let Some(item) = rx.recv().await {
         let sent = match item {
-            Outgoing::Text(frame) => {
+            Outgoing::Text(frame, account) => {
                 let len = frame.len();
-                let sent = stalled(session.text(frame)).await;
-                queued.fetch_sub(len, Ordering::Relaxed);
+                let sent = if queued.discard.load(Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    stalled(session.text(frame)).await
+                };
+                queued.counter(account).fetch_sub(len, Ordering::Relaxed);
                 sent
             }
-            Outgoing::Binary(frame) => {
+            Outgoing::Binary(frame, account) => {
                 let len = frame.len();
-                let sent = stalled(session.binary(frame)).await;
-                queued.fetch_sub(len, Ordering::Relaxed);
+                let sent = if queued.discard.load(Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    stalled(session.binary(frame)).await
+                };
+                queued.counter(account).fetch_sub(len, Ordering::Relaxed);
                 sent
             }
             Outgoing::Ping => stalled(session.ping(b"")).await,

@@ -178,7 +178,8 @@ impl Handler<DeliverBinary> for YjsConn {
             Pushed::Queued | Pushed::Shed => {}
             Pushed::SlowConsumer => {
                 // It resyncs by state vector when it reconnects.
-                self.outbound.abort();
+                telemetry::slow_consumer("yjs");
+                self.outbound.drop_slow_consumer();
                 ctx.stop();
             }
             Pushed::Closed => ctx.stop(),

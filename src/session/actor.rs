@@ -21,8 +21,8 @@ use super::document::Document;
 use super::log::{self, ChatData, Event, EventKind, MemberData, NewEvent};
 use super::messages::{
     Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit, FrameClass,
-    Inspect, Join, Leave, LiveView, PostChat, ReadDoc, Reply, SetPresence, YjsAttach, YjsAwareness,
-    YjsAwarenessQuery, YjsSyncStep1, YjsUpdate,
+    Inspect, Join, Leave, LiveView, PostChat, REPLAY_BUDGET_FACTOR, ReadDoc, Reply, SetPresence,
+    YjsAttach, YjsAwareness, YjsAwarenessQuery, YjsSyncStep1, YjsUpdate,
 };
 use super::ot::Operation;
 use super::registry::SessionRegistry;
@@ -555,10 +555,7 @@ impl SessionActor {
                 gone: true,
             }
             .encode();
-            self.broadcast(Deliver {
-                frame,
-                class: FrameClass::Presence,
-            });
+            self.broadcast(Deliver::new(frame, FrameClass::Presence));
         }
         let user = subscriber.user;
         if let Some(index) = self.members.iter().position(|m| m.user.id == user.id) {
@@ -602,9 +599,10 @@ impl SessionActor {
                     .encode()
                 })
                 .collect();
+            let frames = self.within_replay_budget(frames);
             if let Some(subscriber) = self.subscribers.get_mut(conn) {
-                for frame in frames {
-                    subscriber.send(Deliver::ordered(frame));
+                for deliver in frames {
+                    subscriber.send(deliver);
                 }
             }
             return;
@@ -633,32 +631,62 @@ impl SessionActor {
         );
     }
 
+    /// The replay frames to send, or a single `reset` if they exceed the replay budget: a
+    /// client that fell that far behind reloads from its snapshot (and REST) instead.
+    fn within_replay_budget(&self, frames: Vec<bytestring::ByteString>) -> Vec<Deliver> {
+        let budget = self
+            .registry
+            .deps()
+            .limits
+            .outbound_queue_bytes
+            .saturating_mul(REPLAY_BUDGET_FACTOR);
+        let bytes: usize = frames.iter().map(|f| f.len()).sum();
+        if bytes > budget {
+            tracing::info!(session = %self.id, bytes, budget, "replay exceeds its budget; sending reset");
+            let reset = ServerFrame::Reset { session: &self.id }.encode();
+            return vec![Deliver::ordered(reset)];
+        }
+        frames
+            .into_iter()
+            .map(|frame| Deliver::new(frame, FrameClass::Replay))
+            .collect()
+    }
+
     fn finish_replay(&mut self, conn: &ConnId, result: Result<Vec<Event>, StoreError>) {
-        let Some(subscriber) = self.subscribers.get_mut(conn) else {
+        let Some(buffered) = self
+            .subscribers
+            .get_mut(conn)
+            .map(|s| s.catching_up.take().unwrap_or_default())
+        else {
             return;
         };
-        let buffered = subscriber.catching_up.take().unwrap_or_default();
-        match result {
+        let frames = match result {
             Ok(events) => {
-                for event in &events {
-                    let frame = ServerFrame::Event {
-                        session: &self.id,
-                        event,
-                    }
-                    .encode();
-                    subscriber.outbox.do_send(Deliver::ordered(frame));
-                }
+                let frames = events
+                    .iter()
+                    .map(|event| {
+                        ServerFrame::Event {
+                            session: &self.id,
+                            event,
+                        }
+                        .encode()
+                    })
+                    .collect();
+                self.within_replay_budget(frames)
             }
             Err(err) => {
                 // The client cannot get the exact gap now, so it is told to rely on its snapshot
                 // rather than silently missing events.
                 tracing::warn!(session = %self.id, %err, "replay from store failed; sending reset");
-                let frame = ServerFrame::Reset { session: &self.id }.encode();
-                subscriber.outbox.do_send(Deliver::ordered(frame));
+                vec![Deliver::ordered(
+                    ServerFrame::Reset { session: &self.id }.encode(),
+                )]
             }
-        }
-        for deliver in buffered {
-            subscriber.outbox.do_send(deliver);
+        };
+        if let Some(subscriber) = self.subscribers.get(conn) {
+            for deliver in frames.into_iter().chain(buffered) {
+                subscriber.outbox.do_send(deliver);
+            }
         }
     }
 
@@ -698,10 +726,7 @@ impl SessionActor {
                 gone: false,
             }
             .encode();
-            self.broadcast(Deliver {
-                frame,
-                class: FrameClass::Presence,
-            });
+            self.broadcast(Deliver::new(frame, FrameClass::Presence));
         }
     }
 
@@ -945,7 +970,10 @@ impl Handler<Archive> for SessionActor {
 
     fn handle(&mut self, _: Archive, ctx: &mut Context<Self>) {
         let frame = ServerFrame::Archived { session: &self.id }.encode();
-        self.broadcast(Deliver::ordered(frame));
+        self.broadcast(Deliver {
+            ends_membership: Some(self.id.clone()),
+            ..Deliver::ordered(frame)
+        });
         self.subscribers.clear();
         self.flush(ctx);
         self.retire(ctx);

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use crate::protocol::frames::{DocSummary, ServerFrame};
-use crate::protocol::{DocName, Refusal, UserInfo};
+use crate::protocol::{DocName, Refusal, SessionId, UserInfo};
 use crate::session::log::Actor;
 use crate::session::ot::Component;
 
@@ -28,7 +28,14 @@ pub enum FrameClass {
     Ordered,
     /// Presence: superseded by the next update, so shedding it under pressure loses nothing.
     Presence,
+    /// Replayed history after a join: allowed past the queue bound, up to the replay budget
+    /// (`REPLAY_BUDGET_FACTOR` times it), so a client that fell behind can catch up. A replay
+    /// larger than the budget is replaced by `reset` before it is sent.
+    Replay,
 }
+
+/// How many outbound-queue bounds one replay may occupy.
+pub const REPLAY_BUDGET_FACTOR: usize = 4;
 
 /// One encoded frame for a connection to write to its socket.
 #[derive(Message, Debug, Clone)]
@@ -37,13 +44,21 @@ pub struct Deliver {
     /// The encoded frame; cloning shares the bytes, so a broadcast encodes once.
     pub frame: ByteString,
     pub class: FrameClass,
+    /// Set on the last frame a session sends a connection (`archived`): the connection forgets
+    /// its membership, so later requests are answered as "not joined".
+    pub ends_membership: Option<SessionId>,
 }
 
 impl Deliver {
     pub fn ordered(frame: ByteString) -> Self {
+        Self::new(frame, FrameClass::Ordered)
+    }
+
+    pub fn new(frame: ByteString, class: FrameClass) -> Self {
         Self {
             frame,
-            class: FrameClass::Ordered,
+            class,
+            ends_membership: None,
         }
     }
 }

@@ -11,7 +11,7 @@ mod registry;
 pub use actor::SessionActor;
 pub use messages::{
     Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit, FrameClass,
-    Inspect, Join, Leave, LiveView, PostChat, ReadDoc, Reply, SetPresence, YjsAttach, YjsAwareness,
-    YjsAwarenessQuery, YjsSyncStep1, YjsUpdate,
+    Inspect, Join, Leave, LiveView, PostChat, REPLAY_BUDGET_FACTOR, ReadDoc, Reply, SetPresence,
+    YjsAttach, YjsAwareness, YjsAwarenessQuery, YjsSyncStep1, YjsUpdate,
 };
 pub use registry::{SessionDeps, SessionRegistry};

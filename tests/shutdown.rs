@@ -1,0 +1,137 @@
+//! Graceful shutdown of the real binary: SIGTERM drains every session and exits with status 0
+//! within a few seconds, and every acked chat is in the store after a restart.
+
+mod common;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::time::Duration;
+
+use common::{WsClient, all_events, assert_gap_free, data_dir_args, spawn_binary};
+use serde_json::json;
+
+/// Chats streamed while the node shuts down.
+const STREAM: usize = 1000;
+
+fn sent_total() -> usize {
+    20 + STREAM
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_0_keeping_every_acked_chat() {
+    let data = tempfile::tempdir().expect("data dir");
+    let args: Vec<OsString> = data_dir_args(data.path())
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let session = "graceful";
+    let mut server = spawn_binary(&args, &[]).await;
+
+    // Some chats acked one by one, then a stream still flowing when SIGTERM arrives.
+    let mut writer = WsClient::connect_hello(&server.ws_url(), "writer").await;
+    writer.join(session, None, None).await;
+    let mut idle = WsClient::connect_hello(&server.ws_url(), "idle").await;
+    idle.join("other-session", None, None).await;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    for i in 0..20 {
+        let text = format!("steady-{i}");
+        let offset = writer.chat(session, &text).await;
+        acked.insert(text, offset);
+    }
+    let (mut tx, mut rx) = writer.split();
+    let sender = async {
+        for i in 0..STREAM {
+            let text = format!("stream-{i}");
+            let frame = json!({"type": "chat", "ref": text, "session": session, "text": text});
+            if tx.try_send(frame).await.is_err() {
+                break; // the node is gone
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let receiver = async {
+        let mut streamed = 0;
+        let mut signalled = false;
+        // Acks that arrive after SIGTERM are durable too. The socket ends with the process.
+        while let Ok(Some(frame)) = rx.next_frame(Duration::from_secs(10)).await {
+            if frame["type"] == "ack" {
+                let text = frame["ref"].as_str().expect("ref").to_owned();
+                acked.insert(text, frame["offset"].as_u64().expect("offset"));
+                streamed += 1;
+                if streamed == 50 && !signalled {
+                    server.sigterm();
+                    signalled = true;
+                }
+            }
+        }
+        assert!(signalled, "the stream ended before SIGTERM was sent");
+    };
+    tokio::join!(sender, receiver);
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("no exit within 10 s of SIGTERM\n{}", server.log()));
+    assert!(
+        status.success(),
+        "SIGTERM exit status {status}\n{}",
+        server.log()
+    );
+    assert_eq!(status.code(), Some(0), "{status}");
+    eprintln!("acked {} chats before the node stopped", acked.len());
+    assert!(
+        acked.len() < sent_total(),
+        "every chat was acked: SIGTERM did not land while chats were flowing"
+    );
+    drop(idle);
+    drop(server);
+
+    let server = spawn_binary(&args, &[]).await;
+    let log = all_events(&server.http_url(), session).await;
+    assert_gap_free(&log, 1);
+    for (text, offset) in &acked {
+        let event = &log[(*offset - 1) as usize];
+        assert_eq!(
+            event["kind"], "chat",
+            "acked {text} at {offset}, log has {event}"
+        );
+        assert_eq!(
+            event["data"]["text"],
+            text.as_str(),
+            "acked {text} at {offset}, log has {event}"
+        );
+    }
+    // Chats are in the order they were sent, each at most once.
+    let texts: Vec<&str> = log
+        .iter()
+        .filter(|e| e["kind"] == "chat")
+        .map(|e| e["data"]["text"].as_str().expect("text"))
+        .collect();
+    let sent: Vec<String> = (0..20)
+        .map(|i| format!("steady-{i}"))
+        .chain((0..STREAM).map(|i| format!("stream-{i}")))
+        .collect();
+    assert_eq!(
+        texts,
+        sent[..texts.len()],
+        "the log is not a prefix of what was sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_an_idle_node_exits_0_promptly() {
+    let data = tempfile::tempdir().expect("data dir");
+    let args: Vec<OsString> = data_dir_args(data.path())
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let mut server = spawn_binary(&args, &[]).await;
+    // An open, idle socket must not hold the process.
+    let mut client = WsClient::connect_hello(&server.ws_url(), "idle").await;
+    client.join("quiet", None, None).await;
+    server.sigterm();
+    let status = server
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("no exit within 5 s of SIGTERM\n{}", server.log()));
+    assert_eq!(status.code(), Some(0), "{status}\n{}", server.log());
+}
