@@ -100,6 +100,12 @@ impl Principal {
         }
     }
 
+    /// How long until the token runs out, leeway included; `None` for anonymous users.
+    pub fn time_left(&self) -> Option<std::time::Duration> {
+        let deadline = self.expires_at? + chrono::Duration::seconds(LEEWAY_S as i64);
+        Some((deadline - Utc::now()).to_std().unwrap_or_default())
+    }
+
     /// Whether the token has run out (with the same leeway as at connect time).
     pub fn expired(&self) -> bool {
         self.expires_at

@@ -195,13 +195,8 @@ impl ClientConn {
             protocol: 1,
         }
         .encode();
-        if let Some(expires_at) = principal.expires_at {
-            // The token's end ends the connection: checked again when the timer fires, with
-            // the same leeway as at connect time.
-            let until = (expires_at - chrono::Utc::now())
-                .to_std()
-                .unwrap_or_default()
-                + Duration::from_secs(crate::auth::LEEWAY_S);
+        if let Some(until) = principal.time_left() {
+            // The token's end ends the connection: checked again when the timer fires.
             ctx.run_later(until, |act, ctx| {
                 if act.principal.as_ref().is_some_and(Principal::expired) {
                     crate::telemetry::auth_failure("ws", "expired");

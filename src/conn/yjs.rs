@@ -135,11 +135,7 @@ impl Actor for YjsConn {
                 })
                 .spawn(ctx);
         }
-        if let Some(expires_at) = self.principal.expires_at {
-            let until = (expires_at - chrono::Utc::now())
-                .to_std()
-                .unwrap_or_default()
-                + Duration::from_secs(crate::auth::LEEWAY_S);
+        if let Some(until) = self.principal.time_left() {
             ctx.run_later(until, |act, ctx| {
                 if act.principal.expired() {
                     telemetry::auth_failure("yjs", "expired");
