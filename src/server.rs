@@ -84,6 +84,9 @@ pub async fn start_with_store(
     let server =
         HttpServer::new(move || App::new().configure(crate::http::configure(app_node.clone())))
             .workers(cores)
+            // Acks and broadcasts are small frames that must leave at once; with Nagle on, an
+            // ack written after another frame waits for the client's delayed ACK (~40 ms).
+            .tcp_nodelay(true)
             .disable_signals()
             .shutdown_timeout(1)
             .bind(config.bind)
@@ -118,10 +121,8 @@ impl RunningServer {
         &self.node
     }
 
-    /// Stops accepting connections, flushes every session, then stops the server.
-    pub async fn shutdown(self) {
-        tracing::info!("shutting down: no new connections; flushing sessions");
-        self.http.pause().await;
+    /// Waits until every live session has committed what it accepted.
+    async fn drain_sessions(&self) {
         let drains = self
             .node
             .registry
@@ -136,7 +137,17 @@ impl RunningServer {
         {
             tracing::warn!("some sessions did not flush within {DRAIN_TIMEOUT:?}");
         }
+    }
+
+    /// Stops accepting connections, flushes every session, then stops the server.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down: no new connections; flushing sessions");
+        self.http.pause().await;
+        self.drain_sessions().await;
         self.http.stop(false).await;
+        // Closing the sockets made members leave; commit those events too before the session
+        // arbiters (and any commit still in flight on them) go away.
+        self.drain_sessions().await;
         for arbiter in &self.arbiters {
             arbiter.stop();
         }

@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use yrs::sync::{Message as YMessage, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{Doc, GetString, OffsetKind, Options, ReadTxn, StateVector, Text, Transact};
+use yrs::{Doc, GetString, OffsetKind, Options, StateVector, Text, Transact};
 
 /// Tokens only: no anonymous access.
 fn tokens_only(config: &mut conclave::ServeConfig) {
@@ -196,7 +196,7 @@ async fn rest_roles_and_prefix_scopes() {
     // The listing only shows sessions in scope.
     let list: serde_json::Value = client
         .get(format!("{base}/v1/sessions"))
-        .bearer_auth(&signed(Role::Viewer, 600, Some(vec!["exact"])))
+        .bearer_auth(signed(Role::Viewer, 600, Some(vec!["exact"])))
         .send()
         .await
         .expect("GET")
