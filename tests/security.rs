@@ -7,16 +7,12 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use common::yjs::{yjs_connect, yjs_insert, yjs_until};
 use common::{Ending, TEST_SECRET, TestServer, WsClient, token};
 use conclave::auth::{Authenticator, Claims, MAX_TOKEN_BYTES};
 use conclave::protocol::Role;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio_tungstenite::tungstenite::Message;
-use yrs::sync::{Message as YMessage, SyncMessage};
-use yrs::updates::decoder::Decode;
-use yrs::updates::encoder::Encode;
-use yrs::{Doc, GetString, OffsetKind, Options, StateVector, Text, Transact};
+use yrs::sync::Message as YMessage;
 
 /// Tokens only: no anonymous access.
 fn tokens_only(config: &mut conclave::ServeConfig) {
@@ -212,75 +208,6 @@ async fn rest_roles_and_prefix_scopes() {
     assert_eq!(ids, vec!["exact"]);
 }
 
-type YjsSocket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn yjs_connect(server: &TestServer, path: &str, token: &str) -> Result<YjsSocket, u16> {
-    let url = format!("ws://{}/v1/yjs/{path}?token={token}", server.addr);
-    match tokio_tungstenite::connect_async(url).await {
-        Ok((socket, _)) => Ok(socket),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            Err(response.status().as_u16())
-        }
-        Err(err) => panic!("yjs connect failed: {err}"),
-    }
-}
-
-/// Reads binary frames until one decodes to a message `want` accepts.
-async fn yjs_until(socket: &mut YjsSocket, mut want: impl FnMut(&YMessage) -> bool) -> YMessage {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let next = tokio::time::timeout_at(deadline, socket.next())
-            .await
-            .expect("no matching Yjs message within 5 s")
-            .expect("socket ended")
-            .expect("socket error");
-        if let Message::Binary(bytes) = next {
-            for message in conclave::protocol::yjs::decode(&bytes) {
-                let message = message.expect("server frames decode");
-                if want(&message) {
-                    return message;
-                }
-            }
-        }
-    }
-}
-
-/// Syncs a fresh Yjs doc from the server, then sends an update that inserts `text`.
-async fn yjs_insert(socket: &mut YjsSocket, text: &str) {
-    let doc = Doc::with_options(Options {
-        offset_kind: OffsetKind::Utf16,
-        ..Options::default()
-    });
-    let step1 = YMessage::Sync(SyncMessage::SyncStep1(StateVector::default())).encode_v1();
-    socket
-        .send(Message::Binary(step1.into()))
-        .await
-        .expect("send step 1");
-    if let YMessage::Sync(SyncMessage::SyncStep2(update)) = yjs_until(socket, |m| {
-        matches!(m, YMessage::Sync(SyncMessage::SyncStep2(_)))
-    })
-    .await
-    {
-        doc.transact_mut()
-            .apply_update(yrs::Update::decode_v1(&update).expect("decodes"))
-            .expect("applies");
-    }
-    let content = doc.get_or_insert_text("content");
-    let update = {
-        let mut txn = doc.transact_mut();
-        let len = content.len(&txn);
-        content.insert(&mut txn, len, text);
-        txn.encode_update_v1()
-    };
-    assert!(content.get_string(&doc.transact()).ends_with(text));
-    let frame = YMessage::Sync(SyncMessage::Update(update)).encode_v1();
-    socket
-        .send(Message::Binary(frame.into()))
-        .await
-        .expect("send update");
-}
-
 async fn doc_text(server: &TestServer, token: &str, path: &str) -> String {
     let body: serde_json::Value = common::http()
         .get(format!("{}/v1/sessions/{path}", server.http_url()))
@@ -302,20 +229,20 @@ async fn the_yjs_door_checks_tokens_and_drops_a_viewers_updates() {
 
     // Refused before the upgrade: no token, a forged one, out of scope.
     assert_eq!(
-        yjs_connect(&server, "yjs-a/main", "").await.err(),
+        yjs_connect(server.addr, "yjs-a/main", "").await.err(),
         Some(401)
     );
     assert_eq!(
-        yjs_connect(&server, "yjs-a/main", "x.y.z").await.err(),
+        yjs_connect(server.addr, "yjs-a/main", "x.y.z").await.err(),
         Some(401)
     );
     assert_eq!(
-        yjs_connect(&server, "other/main", &editor).await.err(),
+        yjs_connect(server.addr, "other/main", &editor).await.err(),
         Some(403)
     );
 
     // An editor's update lands.
-    let mut writer = yjs_connect(&server, "yjs-a/main", &editor)
+    let mut writer = yjs_connect(server.addr, "yjs-a/main", &editor)
         .await
         .expect("editor connects");
     yjs_insert(&mut writer, "from the editor").await;
@@ -330,7 +257,7 @@ async fn the_yjs_door_checks_tokens_and_drops_a_viewers_updates() {
     assert_eq!(text, "from the editor");
 
     // A viewer's update is dropped and it is told "permission denied".
-    let mut reader = yjs_connect(&server, "yjs-a/main", &viewer)
+    let mut reader = yjs_connect(server.addr, "yjs-a/main", &viewer)
         .await
         .expect("viewer connects");
     yjs_insert(&mut reader, " and the viewer").await;

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod yjs;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::Read as _;

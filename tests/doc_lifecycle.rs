@@ -1,0 +1,249 @@
+//! Documents over their lifetime: Yjs updates survive `kill -9` on both stores, compaction keeps
+//! the content identical across restarts, and passivation gives memory back.
+
+mod common;
+
+use std::ffi::OsString;
+use std::time::{Duration, Instant};
+
+use common::yjs::{yjs_connect, yjs_insert};
+use common::{PgDatabase, data_dir_args, get_json, spawn_binary};
+use serde_json::json;
+
+/// Polls the REST view of a document until `check` accepts it.
+async fn doc_until(
+    base: &str,
+    path: &str,
+    mut check: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get_json(&format!("{base}/v1/sessions/{path}")).await;
+        if status == 200 && check(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "document never matched: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn yjs_updates_survive_kill_9(extra: &[OsString]) {
+    let data = tempfile::tempdir().expect("data dir");
+    let mut args: Vec<OsString> = data_dir_args(data.path())
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    args.extend(["--doc-compact-every".into(), "4".into()]);
+    args.extend(extra.iter().cloned());
+    let mut server = spawn_binary(&args, &[]).await;
+    let base = server.http_url();
+    let mut expected = String::new();
+    for i in 0..10 {
+        // A fresh Yjs client each time: it syncs the whole document, then appends.
+        let mut socket = yjs_connect(server.addr, "yjs-durable/main", "")
+            .await
+            .expect("connects");
+        let word = format!("[{i}😀]");
+        yjs_insert(&mut socket, &word).await;
+        expected.push_str(&word);
+        // Visible over REST means committed: REST shows only the committed mirror.
+        let want = expected.clone();
+        doc_until(&base, "yjs-durable/docs/main", |d| {
+            d["text"] == want.as_str()
+        })
+        .await;
+    }
+    let before = doc_until(&base, "yjs-durable/docs/main", |_| true).await;
+    server.kill_9();
+    drop(server);
+    let server = spawn_binary(&args, &[]).await;
+    let after = doc_until(&server.http_url(), "yjs-durable/docs/main", |_| true).await;
+    assert_eq!(
+        after["text"],
+        expected.as_str(),
+        "Yjs text lost after kill -9"
+    );
+    assert_eq!(
+        after["version"], before["version"],
+        "version changed across restart"
+    );
+    assert_eq!(after["version"].as_u64(), Some(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yjs_updates_survive_kill_9_sqlite() {
+    yjs_updates_survive_kill_9(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yjs_updates_survive_kill_9_postgres() {
+    let db = PgDatabase::create();
+    yjs_updates_survive_kill_9(&["--database-url".into(), db.url.clone().into()]).await;
+    drop(db);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_the_content_identical() {
+    let data = tempfile::tempdir().expect("data dir");
+    let mut args: Vec<OsString> = data_dir_args(data.path())
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    args.extend(["--doc-compact-every".into(), "5".into()]);
+    let server = spawn_binary(&args, &[]).await;
+    let base = server.http_url();
+    let http = common::http();
+    http.post(format!("{base}/v1/sessions"))
+        .json(&json!({"id": "compact"}))
+        .send()
+        .await
+        .expect("create");
+    let mut version = 0;
+    for i in 0..23u64 {
+        // Inserts at the front and the back, and a delete now and then.
+        let ops = match i % 3 {
+            0 => json!([{"insert": format!("<{i}é😀>")}]),
+            1 => json!([{"retain": 1}, {"insert": format!("({i})")}]),
+            _ => json!([{"delete": 1}]),
+        };
+        let body: serde_json::Value = http
+            .post(format!("{base}/v1/sessions/compact/docs/main/edits"))
+            .json(&json!({"base": version, "ops": ops}))
+            .send()
+            .await
+            .expect("edit")
+            .json()
+            .await
+            .expect("json");
+        version = body["version"].as_u64().expect("version");
+    }
+    let live = doc_until(&base, "compact/docs/main", |_| true).await;
+    server.sigterm();
+    drop(server);
+
+    // The store holds a snapshot and only the updates after it.
+    let db = data.path().join("conclave.sqlite3");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .expect("open the store");
+    let snapshots: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM doc_snapshots")
+        .fetch_one(&pool)
+        .await
+        .expect("count snapshots");
+    let updates: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM doc_updates")
+        .fetch_one(&pool)
+        .await
+        .expect("count updates");
+    pool.close().await;
+    assert_eq!(snapshots, 1, "no snapshot was written");
+    assert!(
+        updates < 5,
+        "{updates} updates left after compaction every 5"
+    );
+
+    let server = spawn_binary(&args, &[]).await;
+    let reloaded = doc_until(&server.http_url(), "compact/docs/main", |_| true).await;
+    assert_eq!(
+        reloaded["text"], live["text"],
+        "compaction changed the text"
+    );
+    assert_eq!(reloaded["version"], live["version"]);
+    assert_eq!(reloaded["version"].as_u64(), Some(version));
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+async fn live_sessions(base: &str) -> u64 {
+    let text = common::http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("conclave_sessions_live "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Touch 10,000 sessions once; after the idle timeout they passivate, and the node gives most of
+/// the memory they took back. Prints the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passivation_gives_memory_back() {
+    const SESSIONS: usize = 10_000;
+    let data = tempfile::tempdir().expect("data dir");
+    let mut args: Vec<OsString> = data_dir_args(data.path())
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    // Long enough that every touched session is live at once, short enough for a test.
+    args.extend(["--idle-timeout-s".into(), "8".into()]);
+    let server = spawn_binary(&args, &[]).await;
+    let base = server.http_url();
+    let http = common::http();
+    // Touching a session activates it: its actor loads it (creating it) and stays until idle.
+    let touch = |i: usize| {
+        let http = http.clone();
+        let url = format!("{base}/v1/sessions/p{i}/docs/main");
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+    };
+    // Create them in bulk through the socket-free path: the first GET 404s, so create first.
+    for chunk in (0..SESSIONS).collect::<Vec<_>>().chunks(200) {
+        let creates = chunk.iter().map(|i| {
+            http.post(format!("{base}/v1/sessions"))
+                .json(&json!({"id": format!("p{i}")}))
+                .send()
+        });
+        for response in futures_util::future::join_all(creates).await {
+            assert_eq!(response.expect("create").status().as_u16(), 201);
+        }
+    }
+    // The baseline is taken after creating them: the store's caches are warm, no actor is live.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while live_sessions(&base).await > 0 {
+        assert!(Instant::now() < deadline, "creation left live sessions");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let baseline = rss_kib(server.pid());
+    let mut peak = baseline;
+    let mut peak_live = 0;
+    for chunk in (0..SESSIONS).collect::<Vec<_>>().chunks(200) {
+        for status in futures_util::future::join_all(chunk.iter().map(|&i| touch(i))).await {
+            assert_eq!(status.expect("touch"), 200);
+        }
+        peak = peak.max(rss_kib(server.pid()));
+        peak_live = peak_live.max(live_sessions(&base).await);
+    }
+    // Idle timeout 8 s, checked every 2 s; the trimmer runs every 5 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while live_sessions(&base).await > 0 {
+        assert!(Instant::now() < deadline, "sessions never passivated");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = rss_kib(server.pid());
+    println!(
+        "passivation: baseline {baseline} KiB, peak {peak} KiB with up to {peak_live} live sessions, \
+         after passivating all {SESSIONS}: {after} KiB"
+    );
+    assert!(
+        peak_live >= SESSIONS as u64 / 2,
+        "sessions were not live at once ({peak_live})"
+    );
+    let grew = peak.saturating_sub(baseline);
+    let given_back = peak.saturating_sub(after);
+    assert!(
+        given_back * 3 >= grew,
+        "memory did not come back: baseline {baseline}, peak {peak}, after {after} KiB"
+    );
+}
