@@ -247,3 +247,60 @@ async fn passivation_gives_memory_back() {
         "memory did not come back: baseline {baseline}, peak {peak}, after {after} KiB"
     );
 }
+
+/// A session whose load fails is not served, and nothing is written over its stored state:
+/// once loads work again, the document is exactly as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_load_never_serves_or_overwrites_the_document() {
+    let server = common::TestServer::sqlite_with(|config| config.limits.idle_timeout_s = 1);
+    let base = server.http_url();
+    let http = common::http();
+    http.post(format!("{base}/v1/sessions"))
+        .json(&json!({"id": "fragile"}))
+        .send()
+        .await
+        .expect("create");
+    let edit = http
+        .post(format!("{base}/v1/sessions/fragile/docs/main/edits"))
+        .json(&json!({"base": 0, "ops": [{"insert": "precious text"}]}))
+        .send()
+        .await
+        .expect("edit");
+    assert_eq!(edit.status().as_u16(), 200);
+    // Let the session passivate, so the next use must load it from the store.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while live_sessions(&base).await > 0 {
+        assert!(Instant::now() < deadline, "the session never passivated");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.switch.set_fail_loads(true);
+    let (status, body) = get_json(&format!("{base}/v1/sessions/fragile/docs/main")).await;
+    assert_eq!(status, 503, "served while its load fails: {body}");
+    common::assert_error_body(&body, "storage_unavailable");
+    let write = http
+        .post(format!("{base}/v1/sessions/fragile/docs/main/edits"))
+        .json(&json!({"base": 0, "ops": [{"insert": "overwrite"}]}))
+        .send()
+        .await
+        .expect("edit");
+    assert_eq!(
+        write.status().as_u16(),
+        503,
+        "accepted a write while unloaded"
+    );
+    let mut client = common::WsClient::connect_hello(&server.ws_url(), "j").await;
+    client
+        .send(json!({"type": "join", "ref": "j", "session": "fragile"}))
+        .await;
+    let reply = client.recv_until(|f| f["ref"] == "j").await;
+    assert_eq!(
+        reply["code"], "storage_unavailable",
+        "joined an unloaded session: {reply}"
+    );
+
+    server.switch.set_fail_loads(false);
+    let (status, body) = get_json(&format!("{base}/v1/sessions/fragile/docs/main")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["text"], "precious text");
+    assert_eq!(body["version"], 1);
+}

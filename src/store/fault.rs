@@ -1,7 +1,8 @@
 //! Store fault injection for tests (the `fault-injection` feature, never in release builds).
 //!
 //! [`FaultyStore`] wraps a real store and fails its commits on demand, so tests can prove that a
-//! failed commit acks nothing and leaves no gap. Reads always pass through.
+//! failed commit acks nothing and leaves no gap, and fails session loads, so they can prove a
+//! failed load never serves (or writes) an empty session. Other reads pass through.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -17,6 +18,7 @@ use crate::session::log::Event;
 pub struct FaultSwitch {
     fail_next_commits: AtomicU32,
     fail_all_writes: AtomicBool,
+    fail_loads: AtomicBool,
 }
 
 impl FaultSwitch {
@@ -28,6 +30,19 @@ impl FaultSwitch {
     /// Fails every write, and pings, until switched off: a store outage.
     pub fn set_outage(&self, down: bool) {
         self.fail_all_writes.store(down, Ordering::SeqCst);
+    }
+
+    /// Fails every session load (opening it and reading its documents) until switched off.
+    pub fn set_fail_loads(&self, fail: bool) {
+        self.fail_loads.store(fail, Ordering::SeqCst);
+    }
+
+    fn check_load(&self) -> Result<(), StoreError> {
+        if self.fail_loads.load(Ordering::SeqCst) {
+            Err(StoreError::Injected)
+        } else {
+            Ok(())
+        }
     }
 
     fn check_write(&self) -> Result<(), StoreError> {
@@ -89,6 +104,7 @@ impl Store for FaultyStore {
     }
 
     async fn open_session(&self, id: &SessionId) -> Result<SessionRecord, StoreError> {
+        self.switch.check_load()?;
         self.inner.open_session(id).await
     }
 
@@ -119,6 +135,7 @@ impl Store for FaultyStore {
     }
 
     async fn load_docs(&self, id: &SessionId) -> Result<Vec<StoredDoc>, StoreError> {
+        self.switch.check_load()?;
         self.inner.load_docs(id).await
     }
 
