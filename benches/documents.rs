@@ -27,12 +27,13 @@ fn big_text() -> String {
 fn document_with_history(history: u64) -> Document {
     let name = DocName::parse("bench").expect("valid name");
     let mut doc = Document::new(name);
-    doc.edit(0, vec![Component::Insert(big_text())])
+    doc.edit(0, vec![Component::Insert(big_text())], u64::MAX)
         .expect("initial insert");
     for i in 0..history {
         doc.edit(
             doc.version(),
             vec![Component::Retain(10 + i), Component::Insert("x".into())],
+            u64::MAX,
         )
         .expect("history edit");
     }
@@ -52,6 +53,7 @@ fn json_edits(c: &mut Criterion) {
                 doc.edit(
                     base,
                     vec![Component::Retain(50_000), Component::Insert("hello".into())],
+                    u64::MAX,
                 )
                 .expect("edit applies")
             },
@@ -63,8 +65,12 @@ fn json_edits(c: &mut Criterion) {
             || document_with_history(100),
             |doc| {
                 let base = doc.version() - 100;
-                doc.edit(base, vec![Component::Retain(50_000), Component::Delete(20)])
-                    .expect("edit applies")
+                doc.edit(
+                    base,
+                    vec![Component::Retain(50_000), Component::Delete(20)],
+                    u64::MAX,
+                )
+                .expect("edit applies")
             },
             BatchSize::LargeInput,
         );
@@ -109,7 +115,9 @@ fn yjs_updates(c: &mut Criterion) {
         b.iter_batched_ref(
             || Document::load(stored.clone()).expect("loads"),
             |doc| {
-                let applied = doc.apply_yjs_update(update.clone()).expect("applies");
+                let applied = doc
+                    .apply_yjs_update(update.clone(), u64::MAX)
+                    .expect("applies");
                 conclave::protocol::yjs::update(applied.update.data).len()
             },
             BatchSize::LargeInput,

@@ -113,6 +113,34 @@ pub struct Limits {
     #[arg(long, env = "CONCLAVE_DOC_COMPACT_INTERVAL_S", default_value_t = 30)]
     pub doc_compact_interval_s: u64,
 
+    /// Frames per second one connection may send, on average (a token bucket)…
+    #[arg(long, env = "CONCLAVE_RATE_PER_S", default_value_t = 100)]
+    pub rate_per_s: u32,
+
+    /// …and in a burst. Past it, frames get `rate_limited`.
+    #[arg(long, env = "CONCLAVE_RATE_BURST", default_value_t = 200)]
+    pub rate_burst: u32,
+
+    /// Refused frames in a row after which the socket is closed with 1008.
+    #[arg(long, env = "CONCLAVE_RATE_ABUSE_STRIKES", default_value_t = 100)]
+    pub rate_abuse_strikes: u32,
+
+    /// Sessions one connection may join at once.
+    #[arg(long, env = "CONCLAVE_MAX_SESSIONS_PER_CONN", default_value_t = 64)]
+    pub max_sessions_per_conn: usize,
+
+    /// Distinct users present in one session at once.
+    #[arg(long, env = "CONCLAVE_MAX_MEMBERS", default_value_t = 1000)]
+    pub max_members: usize,
+
+    /// The longest document, in UTF-16 code units.
+    #[arg(long, env = "CONCLAVE_MAX_DOC_UNITS", default_value_t = 4 << 20)]
+    pub max_doc_units: u64,
+
+    /// Sessions live on this node at once.
+    #[arg(long, env = "CONCLAVE_MAX_LIVE_SESSIONS", default_value_t = 100_000)]
+    pub max_live_sessions: usize,
+
     /// Seconds a new socket has to send `hello`.
     #[arg(long, env = "CONCLAVE_HELLO_TIMEOUT_S", default_value_t = 10)]
     pub hello_timeout_s: u64,
@@ -134,6 +162,13 @@ impl Default for Limits {
             outbound_queue_bytes: 4 << 20,
             doc_compact_every: 500,
             doc_compact_interval_s: 30,
+            rate_per_s: 100,
+            rate_burst: 200,
+            rate_abuse_strikes: 100,
+            max_sessions_per_conn: 64,
+            max_members: 1000,
+            max_doc_units: 4 << 20,
+            max_live_sessions: 100_000,
             hello_timeout_s: 10,
             socket_timeout_s: 60,
         }

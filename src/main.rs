@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node (the default).
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Apply the store's migrations and exit.
     Migrate {
         #[arg(long, env = "DATABASE_URL")]
@@ -82,7 +82,7 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         None => serve(cli.serve),
-        Some(Command::Serve(config)) => serve(config),
+        Some(Command::Serve(config)) => serve(*config),
         Some(Command::Migrate {
             database_url,
             data_dir,

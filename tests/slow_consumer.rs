@@ -19,7 +19,12 @@ const CHAT_BYTES: usize = 8 * 1024;
 const WINDOW: usize = 16;
 
 fn small_queue() -> TestServer {
-    TestServer::sqlite_with(|config| config.limits.outbound_queue_bytes = QUEUE_BYTES)
+    TestServer::sqlite_with(|config| {
+        config.limits.outbound_queue_bytes = QUEUE_BYTES;
+        // The writer floods on purpose; its rate limit is not what these tests are about.
+        config.limits.rate_per_s = 100_000;
+        config.limits.rate_burst = 100_000;
+    })
 }
 
 /// What the slow client got.

@@ -14,6 +14,7 @@ use actix_ws::{AggregatedMessage, CloseCode, ProtocolError};
 use bytestring::ByteString;
 
 use super::outbound::{Outbound, Pushed};
+use super::rate::TokenBucket;
 use crate::auth::Principal;
 use crate::node::Node;
 use crate::protocol::frames::ServerFrame;
@@ -38,11 +39,17 @@ pub struct ClientConn {
     joined: HashMap<SessionId, Addr<SessionActor>>,
     last_heard: Instant,
     oversize_strikes: u32,
+    bucket: TokenBucket,
+    /// Frames refused for rate in a row.
+    rate_strikes: u32,
 }
 
 impl ClientConn {
     pub fn new(node: Arc<Node>, outbound: Outbound) -> Self {
+        let bucket = TokenBucket::new(node.limits.rate_per_s, node.limits.rate_burst);
         Self {
+            bucket,
+            rate_strikes: 0,
             id: uuid::Uuid::now_v7().to_string().into(),
             node,
             outbound,
@@ -84,6 +91,10 @@ impl ClientConn {
         if text.len() > self.node.limits.max_frame_bytes {
             return self.on_oversize(ctx);
         }
+        if !self.bucket.take() {
+            return self.on_rate_limited(text, ctx);
+        }
+        self.rate_strikes = 0;
         let request = match parse_request(text) {
             Ok(request) => request,
             Err(failure) => {
@@ -221,6 +232,14 @@ impl ClientConn {
         if let Err(refusal) = principal.check_session(&session) {
             return self.refuse(reference.as_deref(), &refusal, ctx);
         }
+        let max = self.node.limits.max_sessions_per_conn;
+        if !self.joined.contains_key(&session) && self.joined.len() >= max {
+            let refusal = Refusal::new(
+                ErrorCode::TooLarge,
+                format!("a connection may join at most {max} sessions; leave one first"),
+            );
+            return self.refuse(reference.as_deref(), &refusal, ctx);
+        }
         let may_create =
             principal.user.role.may_write() || self.node.registry.live(&session).is_some();
         if !may_create {
@@ -258,7 +277,10 @@ impl ClientConn {
         reference: Option<String>,
         ctx: &mut Context<Self>,
     ) {
-        let addr = self.node.registry.activate(&session);
+        let addr = match self.node.registry.activate(&session) {
+            Ok(addr) => addr,
+            Err(refusal) => return self.refuse(reference.as_deref(), &refusal, ctx),
+        };
         // Recorded before the session answers, so that a chat sent right after `joined` always
         // finds its route; a refused join removes it again.
         self.joined.insert(session.clone(), addr.clone());
@@ -310,6 +332,24 @@ impl ClientConn {
             outbox: ctx.address().recipient(),
             reference,
         }
+    }
+
+    /// A frame over the rate: refused (with its `ref`, if it has one) and counted; a client
+    /// that keeps going is closed with 1008.
+    fn on_rate_limited(&mut self, text: &str, ctx: &mut Context<Self>) {
+        self.rate_strikes += 1;
+        let refusal = Refusal::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} frames a second; slow down",
+                self.node.limits.rate_per_s
+            ),
+        );
+        if self.rate_strikes >= self.node.limits.rate_abuse_strikes {
+            return self.close_with(CloseCode::Policy, &refusal, ctx);
+        }
+        let reference = crate::protocol::frames::reference_of(text);
+        self.refuse(reference.as_deref(), &refusal, ctx);
     }
 
     fn on_oversize(&mut self, ctx: &mut Context<Self>) {

@@ -2,6 +2,7 @@
 
 mod client;
 mod outbound;
+mod rate;
 mod yjs;
 
 pub use client::ClientConn;

@@ -117,8 +117,10 @@ impl Actor for YjsConn {
         }
         let registry = self.node.registry.clone();
         if self.principal.user.role.may_write() || registry.live(&self.session).is_some() {
-            let addr = registry.activate(&self.session);
-            self.attach(addr, ctx);
+            match registry.activate(&self.session) {
+                Ok(addr) => self.attach(addr, ctx),
+                Err(refusal) => return self.close(CloseCode::Again, &refusal.message, ctx),
+            }
         } else {
             // Only writers create sessions by connecting; others need one that exists.
             let store = self.node.store.clone();
@@ -126,10 +128,10 @@ impl Actor for YjsConn {
             async move { store.session(&session).await }
                 .into_actor(self)
                 .map(move |found, act, ctx| match found {
-                    Ok(Some(record)) if !record.archived => {
-                        let addr = registry.activate(&act.session);
-                        act.attach(addr, ctx);
-                    }
+                    Ok(Some(record)) if !record.archived => match registry.activate(&act.session) {
+                        Ok(addr) => act.attach(addr, ctx),
+                        Err(refusal) => act.close(CloseCode::Again, &refusal.message, ctx),
+                    },
                     Ok(_) => act.close(CloseCode::Policy, "no such session", ctx),
                     Err(_) => act.close(CloseCode::Again, "store unavailable", ctx),
                 })

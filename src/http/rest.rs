@@ -366,7 +366,7 @@ pub async fn post_message(
         reply,
     };
     node.registry
-        .activate(&id)
+        .activate(&id)?
         .send(msg)
         .await
         .map_err(|_| Refusal::session_unavailable())?;
@@ -398,7 +398,7 @@ pub async fn get_doc(
     existing_session(&node, &id).await?;
     let summary = node
         .registry
-        .activate(&id)
+        .activate(&id)?
         .send(ReadDoc { doc })
         .await
         .map_err(|_| Refusal::session_unavailable())??;
@@ -453,7 +453,7 @@ pub async fn post_edit(
         reply,
     };
     node.registry
-        .activate(&id)
+        .activate(&id)?
         .send(msg)
         .await
         .map_err(|_| Refusal::session_unavailable())?;

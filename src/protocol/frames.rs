@@ -86,6 +86,16 @@ struct RefOnly {
     reference: Option<serde_json::Value>,
 }
 
+/// The `ref` of a frame, read without parsing the rest, for frames refused before parsing.
+pub fn reference_of(text: &str) -> Option<String> {
+    serde_json::from_str::<RefOnly>(text)
+        .ok()
+        .and_then(|r| match r.reference {
+            Some(serde_json::Value::String(s)) => Some(s),
+            _ => None,
+        })
+}
+
 /// A frame that could not be parsed: the refusal, and the `ref` if one could be recovered.
 #[derive(Debug)]
 pub struct ParseFailure {

@@ -828,6 +828,14 @@ impl Handler<Join> for SessionActor {
                 self.id
             )));
         }
+        let max = self.limits().max_members;
+        let is_member = self.members.iter().any(|m| m.user.id == msg.user.id);
+        if !is_member && self.members.len() >= max {
+            return Err(Refusal::new(
+                ErrorCode::TooLarge,
+                format!("session {} is full: {max} members are present", self.id),
+            ));
+        }
         if self.doc_writes_settled < self.doc_writes_accepted {
             self.deferred_joins.push((self.doc_writes_accepted, msg));
         } else {
@@ -999,7 +1007,8 @@ impl Handler<Edit> for SessionActor {
             .docs
             .entry(msg.doc.clone())
             .or_insert_with(|| Document::new(msg.doc.clone()));
-        let applied = match document.edit(msg.base, msg.ops) {
+        let max_units = self.registry.deps().limits.max_doc_units;
+        let applied = match document.edit(msg.base, msg.ops, max_units) {
             Ok(applied) => applied,
             Err(refusal) => return msg.reply.refuse(refusal),
         };
@@ -1104,7 +1113,8 @@ impl Handler<YjsUpdate> for SessionActor {
         let Some(document) = self.docs.get_mut(&doc) else {
             return;
         };
-        let applied = match document.apply_yjs_update(msg.data) {
+        let max_units = self.registry.deps().limits.max_doc_units;
+        let applied = match document.apply_yjs_update(msg.data, max_units) {
             Ok(applied) => applied,
             Err(refusal) => {
                 telemetry::error(refusal.code);

@@ -51,6 +51,13 @@ pub struct AppliedYjsUpdate {
 /// Text deltas observed during one transaction, turned into an operation.
 type DeltaSink = Arc<Mutex<Vec<Component>>>;
 
+fn too_long(len: i64, max_units: u64) -> Refusal {
+    Refusal::new(
+        ErrorCode::TooLarge,
+        format!("the document would reach {len} UTF-16 units; the limit is {max_units}"),
+    )
+}
+
 /// Why a stored document could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[error("document {doc}: {reason}")]
@@ -172,6 +179,7 @@ impl Document {
         &mut self,
         base: u64,
         components: Vec<Component>,
+        max_units: u64,
     ) -> Result<Option<AppliedEdit>, Refusal> {
         if base > self.version {
             return Err(Refusal::bad_request(format!(
@@ -211,6 +219,10 @@ impl Document {
         }
         op.check(&current)
             .map_err(|e| Refusal::bad_request(e.to_string()))?;
+        let new_len = current.len() as i64 + op.len_delta();
+        if new_len > max_units as i64 {
+            return Err(too_long(new_len, max_units));
+        }
         if op.is_noop() {
             return Ok(None);
         }
@@ -257,7 +269,18 @@ impl Document {
 
     /// Applies an update from a Yjs client. A change to `content` becomes a new version with its
     /// operation in the OT history, so JSON clients can follow and rebase on it.
-    pub fn apply_yjs_update(&mut self, data: Vec<u8>) -> Result<AppliedYjsUpdate, Refusal> {
+    ///
+    /// An update cannot be unapplied, so the size limit is checked before applying, against
+    /// the update's encoded length: it bounds what the update can insert.
+    pub fn apply_yjs_update(
+        &mut self,
+        data: Vec<u8>,
+        max_units: u64,
+    ) -> Result<AppliedYjsUpdate, Refusal> {
+        let len = u64::from(self.text.len(&self.doc.transact()));
+        if len + data.len() as u64 > max_units {
+            return Err(too_long((len + data.len() as u64) as i64, max_units));
+        }
         let update = Update::decode_v1(&data)
             .map_err(|e| Refusal::bad_request(format!("undecodable Yjs update: {e}")))?;
         self.take_deltas();

@@ -15,7 +15,7 @@ use dashmap::DashMap;
 
 use super::actor::SessionActor;
 use crate::config::Limits;
-use crate::protocol::SessionId;
+use crate::protocol::{ErrorCode, Refusal, SessionId};
 use crate::store::SharedStore;
 use crate::telemetry;
 
@@ -59,12 +59,21 @@ impl SessionRegistry {
     }
 
     /// The live actor of a session, starting (and loading) one if there is none. The session is
-    /// created in the store if it does not exist.
-    pub fn activate(self: &Arc<Self>, id: &SessionId) -> Addr<SessionActor> {
+    /// created in the store if it does not exist. Refused when the node already holds
+    /// `max_live_sessions`.
+    pub fn activate(self: &Arc<Self>, id: &SessionId) -> Result<Addr<SessionActor>, Refusal> {
         if let Some(live) = self.live.get(id) {
-            return live.addr.clone();
+            return Ok(live.addr.clone());
         }
-        self.live
+        let max = self.deps.limits.max_live_sessions;
+        if self.live.len() >= max {
+            return Err(Refusal::new(
+                ErrorCode::RateLimited,
+                format!("this node serves its maximum of {max} live sessions; retry later"),
+            ));
+        }
+        Ok(self
+            .live
             .entry(id.clone())
             .or_insert_with(|| {
                 let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
@@ -78,7 +87,7 @@ impl SessionRegistry {
                 LiveSession { generation, addr }
             })
             .addr
-            .clone()
+            .clone())
     }
 
     /// The live actor of a session, if it has one.
