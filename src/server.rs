@@ -148,6 +148,7 @@ impl RunningServer {
         // Closing the sockets made members leave; commit those events too before the session
         // arbiters (and any commit still in flight on them) go away.
         self.drain_sessions().await;
+        self.node.registry.begin_shutdown();
         for arbiter in &self.arbiters {
             arbiter.stop();
         }

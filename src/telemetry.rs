@@ -83,3 +83,15 @@ pub fn auth_failure(door: &'static str, reason: &'static str) {
 pub fn slow_consumer(kind: &'static str) {
     counter!("conclave_slow_consumers_total", "kind" => kind).increment(1);
 }
+
+pub fn actor_restart(kind: &'static str) {
+    counter!("conclave_actor_restarts_total", "kind" => kind).increment(1);
+}
+
+pub fn actor_panic(kind: &'static str) {
+    counter!("conclave_actor_panics_total", "kind" => kind).increment(1);
+}
+
+pub fn supervisor_gave_up(kind: &'static str) {
+    counter!("conclave_supervisor_gave_up_total", "kind" => kind).increment(1);
+}

@@ -77,7 +77,8 @@ async fn presence_is_relayed_listed_and_withdrawn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_presence_flood_is_coalesced_and_ends_on_the_last_state() {
-    let server = TestServer::sqlite();
+    // The flood is deliberate; the frame rate limit is tested in limits.rs.
+    let server = TestServer::sqlite_with(|c| c.limits.rate_burst = 10_000);
     let session = "flood";
     let mut a = WsClient::connect_hello(&server.ws_url(), "ada").await;
     let mut b = WsClient::connect_hello(&server.ws_url(), "bea").await;

@@ -123,8 +123,9 @@ impl ClientConn {
                 since,
                 epoch,
             } => self.join(principal, session, since, epoch, reference, ctx),
-            Command::Leave { session } => match self.joined.remove(&session) {
+            Command::Leave { session } => match self.route(&session) {
                 Some(addr) => {
+                    self.joined.remove(&session);
                     let msg = Leave {
                         conn: self.id.clone(),
                         reply: Self::reply(reference.clone(), ctx),
@@ -137,7 +138,7 @@ impl ClientConn {
                 if let Err(refusal) = principal.check_write() {
                     return self.refuse(reference.as_deref(), &refusal, ctx);
                 }
-                let Some(addr) = self.joined.get(&session).cloned() else {
+                let Some(addr) = self.route(&session) else {
                     return self.refuse(reference.as_deref(), &not_joined(&session), ctx);
                 };
                 let msg = PostChat {
@@ -157,7 +158,7 @@ impl ClientConn {
                 if let Err(refusal) = principal.check_write() {
                     return self.refuse(reference.as_deref(), &refusal, ctx);
                 }
-                let Some(addr) = self.joined.get(&session).cloned() else {
+                let Some(addr) = self.route(&session) else {
                     return self.refuse(reference.as_deref(), &not_joined(&session), ctx);
                 };
                 let msg = Edit {
@@ -171,7 +172,7 @@ impl ClientConn {
                 self.forward(addr, msg, reference, ctx);
             }
             Command::Presence { session, state } => {
-                let Some(addr) = self.joined.get(&session) else {
+                let Some(addr) = self.route(&session) else {
                     return self.refuse(reference.as_deref(), &not_joined(&session), ctx);
                 };
                 let state = match serde_json::value::to_raw_value(&state) {
@@ -327,6 +328,19 @@ impl ClientConn {
             .spawn(ctx);
     }
 
+    /// The actor serving a joined session. The registry's current one wins over the address
+    /// remembered at join time: after a crash the supervisor restarts the session under a new
+    /// address, and the connection follows it without rejoining.
+    fn route(&self, session: &SessionId) -> Option<Addr<SessionActor>> {
+        let remembered = self.joined.get(session)?;
+        Some(
+            self.node
+                .registry
+                .live(session)
+                .unwrap_or_else(|| remembered.clone()),
+        )
+    }
+
     fn reply(reference: Option<String>, ctx: &Context<Self>) -> Reply {
         Reply::Conn {
             outbox: ctx.address().recipient(),
@@ -402,7 +416,10 @@ impl Actor for ClientConn {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         telemetry::connection_closed("user");
-        for addr in self.joined.values() {
+        for session in self.joined.keys() {
+            let Some(addr) = self.route(session) else {
+                continue;
+            };
             addr.do_send(Disconnect {
                 conn: self.id.clone(),
             });

@@ -80,9 +80,21 @@ impl YjsConn {
             .spawn(ctx);
     }
 
+    /// The actor serving the document now: after a crash the supervisor restarts the session
+    /// under a new address and re-attaches this connection to it.
+    fn route(&self) -> Option<Addr<SessionActor>> {
+        let remembered = self.addr.as_ref()?;
+        Some(
+            self.node
+                .registry
+                .live(&self.session)
+                .unwrap_or_else(|| remembered.clone()),
+        )
+    }
+
     fn on_frame(&mut self, frame: &[u8], ctx: &mut Context<Self>) {
         telemetry::message_in();
-        let Some(addr) = self.addr.clone() else {
+        let Some(addr) = self.route() else {
             return;
         };
         for message in yjs::decode(frame) {
@@ -160,7 +172,7 @@ impl Actor for YjsConn {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         telemetry::connection_closed("yjs");
-        if let Some(addr) = &self.addr {
+        if let Some(addr) = self.route() {
             addr.do_send(Disconnect {
                 conn: self.id.clone(),
             });

@@ -67,8 +67,13 @@ pub fn configure(node: Arc<Node>) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(metrics)
             .route("/v1/ws", web::get().to(user_socket))
             .route("/v1/yjs/{session}/{doc}", web::get().to(yjs_socket))
-            .service(web::redirect("/docs", "/docs/"))
-            .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", ApiDoc::openapi()))
+            .service(web::redirect("/docs", "/docs/"));
+        #[cfg(feature = "fault-injection")]
+        cfg.route(
+            "/v1/faults/sessions/{id}/panic",
+            web::post().to(inject_session_panic),
+        );
+        cfg.service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", ApiDoc::openapi()))
             .service(web_page::asset);
     }
 }
@@ -139,6 +144,23 @@ async fn yjs_socket(
         YjsConn::new(node, outbound, principal, session, doc)
     });
     Ok(response)
+}
+
+/// Makes a live session's actor panic, to test supervision. Only in `fault-injection` builds,
+/// which release builds never are.
+#[cfg(feature = "fault-injection")]
+async fn inject_session_panic(
+    path: web::Path<String>,
+    node: web::Data<Arc<Node>>,
+) -> actix_web::Result<HttpResponse> {
+    let id =
+        SessionId::parse(&path).map_err(|e| rest::ApiError(Refusal::bad_request(e.to_string())))?;
+    let addr = node
+        .registry
+        .live(&id)
+        .ok_or_else(|| rest::ApiError(Refusal::not_found(format!("session {id} is not live"))))?;
+    addr.do_send(crate::session::InjectPanic);
+    Ok(HttpResponse::Accepted().finish())
 }
 
 /// Liveness: the process serves HTTP.

@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 
 use super::document::Document;
 use super::log::{self, ChatData, Event, EventKind, MemberData, NewEvent};
+use super::messages::Reattach;
 use super::messages::{
     Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit, FrameClass,
     Inspect, Join, Leave, LiveView, PostChat, REPLAY_BUDGET_FACTOR, ReadDoc, Reply, SetPresence,
@@ -131,6 +132,8 @@ pub struct SessionActor {
     /// reconnects would not see its own last edit and send it again.
     deferred_joins: Vec<(u64, Join)>,
     last_activity: Instant,
+    /// Set when the actor stops on purpose; an actor dropped without it crashed.
+    retiring: bool,
 }
 
 impl SessionActor {
@@ -159,6 +162,7 @@ impl SessionActor {
             doc_writes_settled: 0,
             deferred_joins: Vec::new(),
             last_activity: Instant::now(),
+            retiring: false,
         }
     }
 
@@ -169,6 +173,7 @@ impl SessionActor {
     /// Leaves the registry and stops. Messages still queued fail at their senders, who report
     /// the session as unavailable; nothing was applied for them.
     fn retire(&mut self, ctx: &mut Context<Self>) {
+        self.retiring = true;
         self.registry.retire(&self.id, self.generation);
         ctx.stop();
     }
@@ -1217,6 +1222,110 @@ fn load_documents(
                 .map_err(|e| e.to_string())
         })
         .collect()
+}
+
+/// The supervision hook: an actor dropped without retiring crashed (a panic unwinds through
+/// here too), so its connections are handed to a restarted successor.
+impl Drop for SessionActor {
+    fn drop(&mut self) {
+        if self.retiring {
+            return;
+        }
+        if std::thread::panicking() {
+            telemetry::actor_panic("session");
+        }
+        let survivors = Reattach {
+            conns: self
+                .subscribers
+                .drain()
+                .map(|(conn, s)| (conn, s.user, s.outbox))
+                .collect(),
+            yjs: self
+                .yjs_subscribers
+                .drain()
+                .map(|(conn, s)| (conn, s.user, s.doc, s.outbox))
+                .collect(),
+        };
+        self.registry
+            .restart_crashed(self.id.clone(), self.generation, survivors);
+    }
+}
+
+impl Handler<Reattach> for SessionActor {
+    type Result = ();
+
+    /// Takes over the connections of a crashed predecessor: each gets a `reset` and a fresh
+    /// snapshot, so no client keeps a state the server no longer has.
+    fn handle(&mut self, msg: Reattach, ctx: &mut Context<Self>) {
+        if !self.loaded {
+            let refusal = Refusal::session_unavailable();
+            let error = ServerFrame::error(None, &refusal).encode();
+            for (_, _, outbox) in msg.conns {
+                outbox.do_send(Deliver {
+                    ends_membership: Some(self.id.clone()),
+                    ..Deliver::ordered(error.clone())
+                });
+            }
+            return;
+        }
+        let reset = ServerFrame::Reset { session: &self.id }.encode();
+        for (conn, user, outbox) in msg.conns {
+            if !self.members.iter().any(|m| m.user.id == user.id) {
+                // Present before the crash: no new member.joined event.
+                self.members.push(Member {
+                    user: user.clone(),
+                    conns: 0,
+                });
+            }
+            if let Some(member) = self.members.iter_mut().find(|m| m.user.id == user.id) {
+                member.conns += 1;
+            }
+            self.subscribers.insert(
+                conn,
+                Subscriber {
+                    user,
+                    outbox: outbox.clone(),
+                    catching_up: None,
+                },
+            );
+            outbox.do_send(Deliver::ordered(reset.clone()));
+        }
+        let joined = self.joined_frame(None);
+        for subscriber in self.subscribers.values() {
+            subscriber.outbox.do_send(Deliver::ordered(joined.clone()));
+        }
+        for (conn, user, doc, outbox) in msg.yjs {
+            let document = self
+                .docs
+                .entry(doc.clone())
+                .or_insert_with(|| Document::new(doc.clone()));
+            // The client resends what the server lost when it answers this sync step 1.
+            outbox.do_send(DeliverBinary {
+                frame: yjs::sync_step1(document.state_vector()),
+            });
+            self.yjs_subscribers.insert(
+                conn,
+                YjsSubscriber {
+                    user,
+                    doc,
+                    outbox,
+                    awaiting_sync: None,
+                    awareness_clients: Vec::new(),
+                },
+            );
+        }
+        self.last_activity = Instant::now();
+        let _ = ctx;
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl Handler<super::messages::InjectPanic> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: super::messages::InjectPanic, _ctx: &mut Context<Self>) {
+        panic!("injected panic in session {}", self.id);
+    }
 }
 
 fn not_joined(session: &SessionId) -> Refusal {

@@ -280,3 +280,18 @@ pub struct YjsAwareness {
 pub struct YjsAwarenessQuery {
     pub conn: ConnId,
 }
+
+/// The connections of a session actor that crashed, handed to its successor: they stay open,
+/// and each gets a `reset` and a fresh snapshot from the restarted session.
+#[derive(Message, Default)]
+#[rtype(result = "()")]
+pub struct Reattach {
+    pub conns: Vec<(ConnId, UserInfo, Recipient<Deliver>)>,
+    pub yjs: Vec<(ConnId, UserInfo, DocName, Recipient<DeliverBinary>)>,
+}
+
+/// Makes the session actor panic, to test supervision (`fault-injection` builds only).
+#[cfg(feature = "fault-injection")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InjectPanic;

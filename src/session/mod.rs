@@ -9,6 +9,9 @@ pub mod ot;
 mod registry;
 
 pub use actor::SessionActor;
+#[cfg(feature = "fault-injection")]
+pub use messages::InjectPanic;
+pub use messages::Reattach;
 pub use messages::{
     Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit, FrameClass,
     Inspect, Join, Leave, LiveView, PostChat, REPLAY_BUDGET_FACTOR, ReadDoc, Reply, SetPresence,

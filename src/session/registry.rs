@@ -6,18 +6,29 @@
 //! it. An actor removes itself when it passivates, guarded by a generation number so that a
 //! stale actor never removes its successor.
 
+use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, ArbiterHandle};
 use dashmap::DashMap;
 
 use super::actor::SessionActor;
+use super::messages::{Deliver, Reattach};
 use crate::config::Limits;
+use crate::protocol::frames::ServerFrame;
 use crate::protocol::{ErrorCode, Refusal, SessionId};
 use crate::store::SharedStore;
 use crate::telemetry;
+
+/// Crash restarts of one session tolerated within [`RESTART_WINDOW`] before giving up.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(30);
+/// The first restart's delay; it doubles with each recent restart (up to 2 s).
+const RESTART_BACKOFF: Duration = Duration::from_millis(20);
 
 /// What every session actor of a node shares.
 pub struct SessionDeps {
@@ -38,6 +49,10 @@ pub struct SessionRegistry {
     next_generation: AtomicU64,
     /// Sessions retired since start, for the memory trimmer.
     retired: AtomicU64,
+    /// Recent crash restarts per session, to back off and give up on a crash loop.
+    restarts: DashMap<SessionId, VecDeque<Instant>>,
+    /// Set at shutdown: actors dropped then are not restarted.
+    shutting_down: AtomicBool,
     deps: Arc<SessionDeps>,
 }
 
@@ -50,6 +65,8 @@ impl SessionRegistry {
             hasher: Default::default(),
             next_generation: AtomicU64::new(1),
             retired: AtomicU64::new(0),
+            restarts: DashMap::new(),
+            shutting_down: AtomicBool::new(false),
             deps: Arc::new(deps),
         })
     }
@@ -119,6 +136,69 @@ impl SessionRegistry {
     /// How many sessions have been retired (passivated, archived or failed) since start.
     pub fn retired_total(&self) -> u64 {
         self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Stops restarting crashed sessions: the node is shutting down.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// The supervisor's half of a crash: a session actor of `generation` died without retiring
+    /// (a panic). It is rebuilt from its checkpoint (the store) after a backoff, and its
+    /// connections are re-attached to the new actor. A session that crashes
+    /// `MAX_RESTARTS` times within `RESTART_WINDOW` is given up: its connections are told, and
+    /// it stays down until someone uses it again after the window.
+    pub(super) fn restart_crashed(
+        self: &Arc<Self>,
+        id: SessionId,
+        generation: u64,
+        survivors: Reattach,
+    ) {
+        self.retire(&id, generation);
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        let recent = {
+            let mut history = self.restarts.entry(id.clone()).or_default();
+            let now = Instant::now();
+            while history
+                .front()
+                .is_some_and(|at| now.duration_since(*at) > RESTART_WINDOW)
+            {
+                history.pop_front();
+            }
+            history.push_back(now);
+            history.len()
+        };
+        if recent > MAX_RESTARTS {
+            tracing::error!(session = %id, recent, "session keeps crashing; giving up on it");
+            telemetry::supervisor_gave_up("session");
+            let refusal = Refusal::new(
+                ErrorCode::Internal,
+                format!("session {id} failed repeatedly and was stopped; rejoin later"),
+            );
+            let error = ServerFrame::error(None, &refusal).encode();
+            for (_, _, outbox) in survivors.conns {
+                outbox.do_send(Deliver {
+                    ends_membership: Some(id.clone()),
+                    ..Deliver::ordered(error.clone())
+                });
+            }
+            return;
+        }
+        telemetry::actor_restart("session");
+        let backoff = RESTART_BACKOFF
+            .saturating_mul(1 << (recent - 1).min(6))
+            .min(Duration::from_secs(2));
+        tracing::warn!(session = %id, ?backoff, recent, "restarting crashed session from its checkpoint");
+        let registry = Arc::clone(self);
+        actix::spawn(async move {
+            tokio::time::sleep(backoff).await;
+            match registry.activate(&id) {
+                Ok(addr) => addr.do_send(survivors),
+                Err(refusal) => tracing::error!(session = %id, %refusal, "restart refused"),
+            }
+        });
     }
 
     fn arbiter_for(&self, id: &SessionId) -> &ArbiterHandle {
