@@ -57,9 +57,11 @@ pub struct PgStore {
 
 impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        // A short acquire timeout: while the database is unreachable, a write should be refused
+        // within a couple of seconds, not hang the session's batch.
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(2))
             .connect(url)
             .await?;
         Ok(Self { pool })
