@@ -329,3 +329,55 @@ fn conclave_token_prints_a_token_the_server_accepts() {
     let ttl = principal.expires_at.expect("exp") - chrono::Utc::now();
     assert!(ttl > chrono::Duration::minutes(119) && ttl <= chrono::Duration::hours(2));
 }
+
+#[tokio::test]
+async fn rs256_tokens_are_checked_with_the_public_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let private = dir.path().join("private.pem");
+    let public = dir.path().join("public.pem");
+    let made = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&private)
+        .status()
+        .expect("openssl");
+    assert!(made.success(), "openssl genpkey failed");
+    let made = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&private)
+        .arg("-out")
+        .arg(&public)
+        .status()
+        .expect("openssl");
+    assert!(made.success(), "openssl pkey -pubout failed");
+    let public_path = public.clone();
+    let server = TestServer::sqlite_with(move |c| c.jwt_public_key = Some(public_path));
+    let exp = u64::try_from(chrono::Utc::now().timestamp() + 600).expect("time");
+    let claims = Claims {
+        sub: "rsa-user".into(),
+        name: Some("Rae".into()),
+        role: Role::Editor,
+        sessions: None,
+        exp,
+    };
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(&private).expect("pem"))
+        .expect("private key");
+    let rs256 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims,
+        &key,
+    )
+    .expect("signing");
+    let (_, welcome) = hello(&server, Some(&rs256)).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["user"]["id"], "rsa-user");
+    // An HS256 token (any secret) is not accepted by an RS256 server.
+    let (_, reply) = hello(&server, Some(&token("eve", Role::Admin))).await;
+    assert_eq!(reply["code"], "unauthorized", "{reply}");
+}

@@ -21,9 +21,12 @@ use crate::protocol::frames::ServerFrame;
 use crate::protocol::{Command, ErrorCode, Refusal, SessionId, parse_request};
 use crate::session::{
     ConnId, Deliver, Disconnect, Edit, FrameClass, Join, Leave, PostChat, Reply, SessionActor,
-    SetPresence,
+    SetPresence, Unanswered,
 };
 use crate::telemetry;
+
+/// Requests a connection may have waiting for their sessions before it stops reading.
+const MAX_UNANSWERED: usize = 16;
 
 /// Oversized frames tolerated before the socket is closed with 1009.
 const OVERSIZE_STRIKES: u32 = 3;
@@ -40,6 +43,7 @@ pub struct ClientConn {
     last_heard: Instant,
     oversize_strikes: u32,
     bucket: TokenBucket,
+    unanswered: Arc<Unanswered>,
     /// Frames refused for rate in a row.
     rate_strikes: u32,
 }
@@ -49,6 +53,7 @@ impl ClientConn {
         let bucket = TokenBucket::new(node.limits.rate_per_s, node.limits.rate_burst);
         Self {
             bucket,
+            unanswered: Arc::default(),
             rate_strikes: 0,
             id: uuid::Uuid::now_v7().to_string().into(),
             node,
@@ -128,7 +133,7 @@ impl ClientConn {
                     self.joined.remove(&session);
                     let msg = Leave {
                         conn: self.id.clone(),
-                        reply: Self::reply(reference.clone(), ctx),
+                        reply: self.reply(reference.clone(), ctx),
                     };
                     self.forward(addr, msg, reference, ctx);
                 }
@@ -145,7 +150,7 @@ impl ClientConn {
                     conn: Some(self.id.clone()),
                     actor: principal.user.actor(),
                     text,
-                    reply: Self::reply(reference.clone(), ctx),
+                    reply: self.reply(reference.clone(), ctx),
                 };
                 self.forward(addr, msg, reference, ctx);
             }
@@ -167,7 +172,7 @@ impl ClientConn {
                     doc,
                     base,
                     ops,
-                    reply: Self::reply(reference.clone(), ctx),
+                    reply: self.reply(reference.clone(), ctx),
                 };
                 self.forward(addr, msg, reference, ctx);
             }
@@ -341,10 +346,20 @@ impl ClientConn {
         )
     }
 
-    fn reply(reference: Option<String>, ctx: &Context<Self>) -> Reply {
+    fn reply(&self, reference: Option<String>, ctx: &mut Context<Self>) -> Reply {
+        let pending = self.unanswered.track();
+        if self.unanswered.count() >= MAX_UNANSWERED {
+            // Stop reading this socket until half the backlog is answered: `wait` holds every
+            // other event of this actor, the socket stream included.
+            let unanswered = Arc::clone(&self.unanswered);
+            ctx.wait(actix::fut::wrap_future(
+                unanswered.wait_below(MAX_UNANSWERED / 2),
+            ));
+        }
         Reply::Conn {
             outbox: ctx.address().recipient(),
             reference,
+            pending,
         }
     }
 

@@ -33,6 +33,9 @@ use crate::protocol::{DocName, ErrorCode, Refusal, SessionId, UserInfo};
 use crate::store::{DocUpdate, SessionRecord, StoreError, StoredDoc};
 use crate::telemetry;
 
+/// The most event data the in-memory tail keeps, whatever its count.
+const TAIL_BYTES: usize = 1 << 20;
+
 /// Events fetched from the store per page when replaying beyond the in-memory tail.
 const REPLAY_PAGE: u32 = 1000;
 
@@ -109,6 +112,8 @@ pub struct SessionActor {
     committed: u64,
     /// The newest committed events, for replay without a store round trip.
     tail: VecDeque<Event>,
+    /// The bytes of event data in `tail`.
+    tail_bytes: usize,
     /// The session's documents, by name.
     docs: BTreeMap<DocName, Document>,
     subscribers: HashMap<ConnId, Subscriber>,
@@ -146,6 +151,7 @@ impl SessionActor {
             epoch: String::new(),
             committed: 0,
             tail: VecDeque::new(),
+            tail_bytes: 0,
             docs: BTreeMap::new(),
             subscribers: HashMap::new(),
             yjs_subscribers: HashMap::new(),
@@ -186,6 +192,7 @@ impl SessionActor {
     ) {
         self.epoch = record.epoch;
         self.committed = record.offset;
+        self.tail_bytes = tail.iter().map(|e| e.data.get().len()).sum();
         self.tail = tail.into();
         self.docs = docs;
         self.loaded = true;
@@ -293,9 +300,15 @@ impl SessionActor {
             }
             .encode();
             self.broadcast(Deliver::ordered(frame));
+            self.tail_bytes += event.data.get().len();
             self.tail.push_back(event);
-            if self.tail.len() > self.limits().event_tail {
-                self.tail.pop_front();
+            // Bounded in count and in bytes: a few huge events must not pin megabytes per
+            // session. Older events replay from the store.
+            while self.tail.len() > self.limits().event_tail || self.tail_bytes > TAIL_BYTES {
+                match self.tail.pop_front() {
+                    Some(old) => self.tail_bytes -= old.data.get().len(),
+                    None => break,
+                }
             }
         }
         self.answer_yjs_syncs();

@@ -63,6 +63,50 @@ impl Deliver {
     }
 }
 
+/// A connection's count of requests sent to sessions and not answered yet. The connection stops
+/// reading its socket while the count is high, so a client that sends faster than its sessions
+/// commit is slowed down by TCP instead of queueing unbounded work in the server.
+#[derive(Default)]
+pub struct Unanswered {
+    count: std::sync::atomic::AtomicUsize,
+    answered: tokio::sync::Notify,
+}
+
+impl Unanswered {
+    /// Counts one more request until the returned guard drops.
+    pub fn track(self: &Arc<Self>) -> PendingGuard {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        PendingGuard(Arc::clone(self))
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once fewer than `below` requests are unanswered.
+    pub async fn wait_below(self: Arc<Self>, below: usize) {
+        loop {
+            let answered = self.answered.notified();
+            if self.count() < below {
+                return;
+            }
+            answered.await;
+        }
+    }
+}
+
+/// One unanswered request; dropping it (with the reply) answers it.
+pub struct PendingGuard(Arc<Unanswered>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.answered.notify_waiters();
+    }
+}
+
 /// What a write request returns once committed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Committed {
@@ -94,6 +138,8 @@ pub enum Reply {
     Conn {
         outbox: Recipient<Deliver>,
         reference: Option<String>,
+        /// Counts the request as unanswered until the reply is sent (or dropped).
+        pending: PendingGuard,
     },
     /// A REST handler awaiting the outcome.
     Http(oneshot::Sender<Result<Committed, Refusal>>),
@@ -108,7 +154,9 @@ impl Reply {
 
     pub fn ok(self, committed: Committed) {
         match self {
-            Self::Conn { outbox, reference } => outbox.do_send(Deliver::ordered(
+            Self::Conn {
+                outbox, reference, ..
+            } => outbox.do_send(Deliver::ordered(
                 ServerFrame::Ack {
                     reference: reference.as_deref(),
                     offset: committed.offset,
@@ -126,7 +174,9 @@ impl Reply {
 
     pub fn refuse(self, refusal: Refusal) {
         match self {
-            Self::Conn { outbox, reference } => outbox.do_send(Deliver::ordered(
+            Self::Conn {
+                outbox, reference, ..
+            } => outbox.do_send(Deliver::ordered(
                 ServerFrame::error(reference.as_deref(), &refusal).encode(),
             )),
             Self::Http(tx) => {
