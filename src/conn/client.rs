@@ -140,11 +140,9 @@ impl ClientConn {
                 None => self.refuse(reference.as_deref(), &not_joined(&session), ctx),
             },
             Command::Chat { session, text } => {
-                if let Err(refusal) = principal.check_write() {
-                    return self.refuse(reference.as_deref(), &refusal, ctx);
-                }
-                let Some(addr) = self.route(&session) else {
-                    return self.refuse(reference.as_deref(), &not_joined(&session), ctx);
+                let addr = match self.write_route(&principal, &session) {
+                    Ok(addr) => addr,
+                    Err(refusal) => return self.refuse(reference.as_deref(), &refusal, ctx),
                 };
                 let msg = PostChat {
                     conn: Some(self.id.clone()),
@@ -160,11 +158,9 @@ impl ClientConn {
                 base,
                 ops,
             } => {
-                if let Err(refusal) = principal.check_write() {
-                    return self.refuse(reference.as_deref(), &refusal, ctx);
-                }
-                let Some(addr) = self.route(&session) else {
-                    return self.refuse(reference.as_deref(), &not_joined(&session), ctx);
+                let addr = match self.write_route(&principal, &session) {
+                    Ok(addr) => addr,
+                    Err(refusal) => return self.refuse(reference.as_deref(), &refusal, ctx),
                 };
                 let msg = Edit {
                     conn: Some(self.id.clone()),
@@ -344,6 +340,17 @@ impl ClientConn {
                 .live(session)
                 .unwrap_or_else(|| remembered.clone()),
         )
+    }
+
+    /// The session actor for a write: the caller's role must allow writing, and the session
+    /// must be joined.
+    fn write_route(
+        &self,
+        principal: &Principal,
+        session: &SessionId,
+    ) -> Result<Addr<SessionActor>, Refusal> {
+        principal.check_write()?;
+        self.route(session).ok_or_else(|| not_joined(session))
     }
 
     fn reply(&self, reference: Option<String>, ctx: &mut Context<Self>) -> Reply {

@@ -355,8 +355,7 @@ pub async fn post_message(
         user.name = crate::auth::display_name(Some(name));
     }
     existing_session(&node, &id).await?;
-    let (reply, answer) = Reply::http();
-    let msg = PostChat {
+    let committed = commit(&node, &id, |reply| PostChat {
         conn: None,
         actor: Actor {
             id: user.id,
@@ -364,17 +363,31 @@ pub async fn post_message(
         },
         text: body.text,
         reply,
-    };
-    node.registry
-        .activate(&id)?
-        .send(msg)
-        .await
-        .map_err(|_| Refusal::session_unavailable())?;
-    let committed = answer.await.map_err(|_| Refusal::session_unavailable())??;
+    })
+    .await?;
     let offset = committed
         .offset
         .ok_or_else(|| Refusal::new(ErrorCode::Internal, "commit carried no offset"))?;
     Ok(web::Json(Posted { offset }))
+}
+
+/// Sends a write to its session and waits until it is committed (or refused).
+async fn commit<M>(
+    node: &Node,
+    id: &SessionId,
+    build: impl FnOnce(Reply) -> M,
+) -> ApiResult<crate::session::Committed>
+where
+    M: actix::Message<Result = ()> + Send + 'static,
+    crate::session::SessionActor: actix::Handler<M>,
+{
+    let (reply, answer) = Reply::http();
+    node.registry
+        .activate(id)?
+        .send(build(reply))
+        .await
+        .map_err(|_| Refusal::session_unavailable())?;
+    Ok(answer.await.map_err(|_| Refusal::session_unavailable())??)
 }
 
 fn doc_name(raw: &str) -> ApiResult<DocName> {
@@ -443,21 +456,15 @@ pub async fn post_edit(
     caller.check_write()?;
     existing_session(&node, &id).await?;
     let body = body.into_inner();
-    let (reply, answer) = Reply::http();
-    let msg = Edit {
+    let committed = commit(&node, &id, |reply| Edit {
         conn: None,
         actor: caller.user.actor(),
         doc,
         base: body.base,
         ops: body.ops,
         reply,
-    };
-    node.registry
-        .activate(&id)?
-        .send(msg)
-        .await
-        .map_err(|_| Refusal::session_unavailable())?;
-    let committed = answer.await.map_err(|_| Refusal::session_unavailable())??;
+    })
+    .await?;
     let version = committed
         .doc
         .map(|(_, version)| version)

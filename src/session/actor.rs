@@ -924,16 +924,8 @@ impl Handler<PostChat> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: PostChat, ctx: &mut Context<Self>) {
-        if !self.loaded {
-            return msg.reply.refuse(Refusal::not_found(format!(
-                "session {} does not exist",
-                self.id
-            )));
-        }
-        if let Some(conn) = &msg.conn
-            && !self.subscribers.contains_key(conn)
-        {
-            return msg.reply.refuse(not_joined(&self.id));
+        if let Err(refusal) = self.check_writer(msg.conn.as_ref()) {
+            return msg.reply.refuse(refusal);
         }
         if msg.text.is_empty() {
             return msg
@@ -1010,16 +1002,8 @@ impl Handler<Edit> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Edit, ctx: &mut Context<Self>) {
-        if !self.loaded {
-            return msg.reply.refuse(Refusal::not_found(format!(
-                "session {} does not exist",
-                self.id
-            )));
-        }
-        if let Some(conn) = &msg.conn
-            && !self.subscribers.contains_key(conn)
-        {
-            return msg.reply.refuse(not_joined(&self.id));
+        if let Err(refusal) = self.check_writer(msg.conn.as_ref()) {
+            return msg.reply.refuse(refusal);
         }
         let document = self
             .docs
@@ -1338,6 +1322,22 @@ impl Handler<super::messages::InjectPanic> for SessionActor {
 
     fn handle(&mut self, _: super::messages::InjectPanic, _ctx: &mut Context<Self>) {
         panic!("injected panic in session {}", self.id);
+    }
+}
+
+impl SessionActor {
+    /// A write needs a loaded session and, from a socket, a connection that joined it.
+    fn check_writer(&self, conn: Option<&ConnId>) -> Result<(), Refusal> {
+        if !self.loaded {
+            return Err(Refusal::not_found(format!(
+                "session {} does not exist",
+                self.id
+            )));
+        }
+        match conn {
+            Some(conn) if !self.subscribers.contains_key(conn) => Err(not_joined(&self.id)),
+            _ => Ok(()),
+        }
     }
 }
 
