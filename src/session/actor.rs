@@ -605,18 +605,7 @@ impl SessionActor {
             .front()
             .is_some_and(|first| first.offset <= since + 1);
         if tail_covers {
-            let frames: Vec<_> = self
-                .tail
-                .iter()
-                .filter(|e| e.offset > since)
-                .map(|event| {
-                    ServerFrame::Event {
-                        session: &self.id,
-                        event,
-                    }
-                    .encode()
-                })
-                .collect();
+            let frames = self.event_frames(self.tail.iter().filter(|e| e.offset > since));
             let frames = self.within_replay_budget(frames);
             if let Some(subscriber) = self.subscribers.get_mut(conn) {
                 for deliver in frames {
@@ -647,6 +636,21 @@ impl SessionActor {
             .into_actor(self)
             .map(move |result, act, _ctx| act.finish_replay(&conn, result)),
         );
+    }
+
+    fn event_frames<'e>(
+        &self,
+        events: impl Iterator<Item = &'e Event>,
+    ) -> Vec<bytestring::ByteString> {
+        events
+            .map(|event| {
+                ServerFrame::Event {
+                    session: &self.id,
+                    event,
+                }
+                .encode()
+            })
+            .collect()
     }
 
     /// The replay frames to send, or a single `reset` if they exceed the replay budget: a
@@ -680,16 +684,7 @@ impl SessionActor {
         };
         let frames = match result {
             Ok(events) => {
-                let frames = events
-                    .iter()
-                    .map(|event| {
-                        ServerFrame::Event {
-                            session: &self.id,
-                            event,
-                        }
-                        .encode()
-                    })
-                    .collect();
+                let frames = self.event_frames(events.iter());
                 self.within_replay_budget(frames)
             }
             Err(err) => {

@@ -243,14 +243,7 @@ impl Document {
         };
         // The observer saw this edit too; the operation is already known.
         self.take_deltas();
-        self.version += 1;
-        self.history.push_back((self.version, op.clone()));
-        if self.history.len() > HISTORY {
-            self.history.pop_front();
-        }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.uncommitted += 1;
+        let seq = self.record(Some(&op));
         Ok(Some(AppliedEdit {
             op,
             version: self.version,
@@ -261,6 +254,22 @@ impl Document {
                 data,
             },
         }))
+    }
+
+    /// Books one update applied in memory: a change to the text (`op`) is a new version in the
+    /// OT history; every update gets the next seq and waits for its commit. Returns the seq.
+    fn record(&mut self, op: Option<&Operation>) -> u64 {
+        if let Some(op) = op {
+            self.version += 1;
+            self.history.push_back((self.version, op.clone()));
+            if self.history.len() > HISTORY {
+                self.history.pop_front();
+            }
+        }
+        self.uncommitted += 1;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
     }
 
     fn take_deltas(&self) -> Vec<Component> {
@@ -291,16 +300,7 @@ impl Document {
         let op = Operation::normalize(self.take_deltas())
             .ok()
             .filter(|op| !op.is_noop());
-        if let Some(op) = &op {
-            self.version += 1;
-            self.history.push_back((self.version, op.clone()));
-            if self.history.len() > HISTORY {
-                self.history.pop_front();
-            }
-        }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.uncommitted += 1;
+        let seq = self.record(op.as_ref());
         Ok(AppliedYjsUpdate {
             op,
             version: self.version,
