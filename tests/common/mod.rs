@@ -429,23 +429,7 @@ impl WsClient {
 
     /// The next JSON frame: `Ok(None)` on timeout, `Err` if the socket ended or failed.
     pub async fn next_frame(&mut self, timeout: Duration) -> Result<Option<Value>, String> {
-        if let Some(frame) = self.pending.pop_front() {
-            return Ok(Some(frame));
-        }
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, self.socket.next()).await {
-                Err(_) => return Ok(None),
-                Ok(None) => return Err("stream ended".into()),
-                Ok(Some(Err(err))) => return Err(err.to_string()),
-                Ok(Some(Ok(Message::Close(close)))) => return Err(format!("closed: {close:?}")),
-                Ok(Some(Ok(message))) => {
-                    if let Some(frame) = decode(message) {
-                        return Ok(Some(frame));
-                    }
-                }
-            }
-        }
+        next_json_frame(&mut self.pending, &mut self.socket, timeout).await
     }
 
     /// Reads frames until one satisfies `pred`, skipping the others, within `timeout` overall.
@@ -640,26 +624,39 @@ pub struct WsReceiver {
     pending: VecDeque<Value>,
 }
 
-impl WsReceiver {
-    /// The next JSON frame, `None` on timeout; `Err` if the socket ended or failed.
-    pub async fn next_frame(&mut self, timeout: Duration) -> Result<Option<Value>, String> {
-        if let Some(frame) = self.pending.pop_front() {
-            return Ok(Some(frame));
-        }
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, self.stream.next()).await {
-                Err(_) => return Ok(None),
-                Ok(None) => return Err("stream ended".into()),
-                Ok(Some(Err(err))) => return Err(err.to_string()),
-                Ok(Some(Ok(Message::Close(close)))) => return Err(format!("closed: {close:?}")),
-                Ok(Some(Ok(message))) => {
-                    if let Some(frame) = decode(message) {
-                        return Ok(Some(frame));
-                    }
+/// The next JSON frame of `stream`, after any read ahead into `pending`: `Ok(None)` on timeout,
+/// `Err` if the socket ended or failed. Shared by [`WsClient`] and [`WsReceiver`].
+async fn next_json_frame<S>(
+    pending: &mut VecDeque<Value>,
+    stream: &mut S,
+    timeout: Duration,
+) -> Result<Option<Value>, String>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    if let Some(frame) = pending.pop_front() {
+        return Ok(Some(frame));
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => return Ok(None),
+            Ok(None) => return Err("stream ended".into()),
+            Ok(Some(Err(err))) => return Err(err.to_string()),
+            Ok(Some(Ok(Message::Close(close)))) => return Err(format!("closed: {close:?}")),
+            Ok(Some(Ok(message))) => {
+                if let Some(frame) = decode(message) {
+                    return Ok(Some(frame));
                 }
             }
         }
+    }
+}
+
+impl WsReceiver {
+    /// The next JSON frame, `None` on timeout; `Err` if the socket ended or failed.
+    pub async fn next_frame(&mut self, timeout: Duration) -> Result<Option<Value>, String> {
+        next_json_frame(&mut self.pending, &mut self.stream, timeout).await
     }
 
     /// The next JSON frame; panics on timeout or if the socket ends.
