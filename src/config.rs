@@ -148,6 +148,26 @@ pub struct Limits {
     /// Seconds of silence after which a socket is considered dead (pings go out at a third).
     #[arg(long, env = "CONCLAVE_IDLE_SOCKET_TIMEOUT_S", default_value_t = 60)]
     pub socket_timeout_s: u64,
+
+    /// Seconds between a worker's heartbeats; three missed ones end it and lapse its leases.
+    #[arg(long, env = "CONCLAVE_WORKER_HEARTBEAT_S", default_value_t = 5)]
+    pub worker_heartbeat_s: u64,
+
+    /// Frames per second one worker socket may send on average (twice that in a burst).
+    #[arg(long, env = "CONCLAVE_WORKER_RATE_PER_S", default_value_t = 5000)]
+    pub worker_rate_per_s: u32,
+
+    /// A retried task's first backoff; it doubles per attempt, with jitter…
+    #[arg(long, env = "CONCLAVE_TASK_RETRY_BASE_MS", default_value_t = 500)]
+    pub task_retry_base_ms: u64,
+
+    /// …up to this.
+    #[arg(long, env = "CONCLAVE_TASK_RETRY_MAX_MS", default_value_t = 60_000)]
+    pub task_retry_max_ms: u64,
+
+    /// The largest task output a worker may return, in bytes of JSON.
+    #[arg(long, env = "CONCLAVE_MAX_TASK_OUTPUT_BYTES", default_value_t = 256 << 10)]
+    pub max_task_output_bytes: usize,
 }
 
 impl Default for Limits {
@@ -171,6 +191,11 @@ impl Default for Limits {
             max_live_sessions: 100_000,
             hello_timeout_s: 10,
             socket_timeout_s: 60,
+            worker_heartbeat_s: 5,
+            worker_rate_per_s: 5000,
+            task_retry_base_ms: 500,
+            task_retry_max_ms: 60_000,
+            max_task_output_bytes: 256 << 10,
         }
     }
 }

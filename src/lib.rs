@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tasks;
 pub mod telemetry;
 
 pub use config::ServeConfig;

@@ -1,5 +1,5 @@
 //! What every handler and connection of one node shares: its id, store, session registry,
-//! authenticator and limits. Built once at start-up and passed around behind an `Arc`.
+//! authenticator, limits and scheduler. Built once at start-up and passed around behind an `Arc`.
 
 use std::sync::Arc;
 
@@ -7,6 +7,7 @@ use crate::auth::Authenticator;
 use crate::config::Limits;
 use crate::session::SessionRegistry;
 use crate::store::SharedStore;
+use crate::tasks::Scheduler;
 
 pub struct Node {
     pub id: String,
@@ -14,4 +15,5 @@ pub struct Node {
     pub registry: Arc<SessionRegistry>,
     pub auth: Authenticator,
     pub limits: Limits,
+    pub scheduler: actix::Addr<Scheduler>,
 }

@@ -8,13 +8,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Arbiter, ArbiterHandle};
+use actix::{Actor, Arbiter, ArbiterHandle};
 use actix_web::{App, HttpServer};
 
 use crate::config::{ConfigError, ServeConfig};
 use crate::node::Node;
 use crate::session::{Drain, SessionDeps, SessionRegistry};
 use crate::store::{self, SharedStore, StoreError};
+use crate::tasks::{Scheduler, SchedulerConfig};
 
 /// How long shutdown waits for sessions to flush their last batch.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,15 +69,36 @@ pub async fn start_with_store(
         },
         handles,
     );
+    let node_id = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let limits = &config.limits;
+    let scheduler_config = SchedulerConfig {
+        node: node_id.clone(),
+        heartbeat: Duration::from_secs(limits.worker_heartbeat_s.max(1)),
+        retry_base: Duration::from_millis(limits.task_retry_base_ms),
+        retry_max: Duration::from_millis(limits.task_retry_max_ms),
+        max_output_bytes: limits.max_task_output_bytes,
+    };
+    // The scheduler gets an arbiter of its own, so a burst of session work never delays an
+    // assignment (and the reverse).
+    let scheduler_arbiter = Arbiter::new();
+    let scheduler = {
+        let (store, registry) = (store.clone(), registry.clone());
+        Scheduler::start_in_arbiter(&scheduler_arbiter.handle(), move |_| {
+            Scheduler::new(store, registry, scheduler_config)
+        })
+    };
+    let mut arbiters = arbiters;
+    arbiters.push(scheduler_arbiter);
     let node = Arc::new(Node {
-        id: config
-            .node_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        id: node_id,
         store,
         registry,
         auth,
         limits: config.limits.clone(),
+        scheduler,
     });
 
     actix::spawn(crate::memory::trim_after_passivation(node.registry.clone()));

@@ -95,3 +95,17 @@ pub fn actor_panic(kind: &'static str) {
 pub fn supervisor_gave_up(kind: &'static str) {
     counter!("conclave_supervisor_gave_up_total", "kind" => kind).increment(1);
 }
+
+/// A task entered `state` (`retrying` for a retry scheduled with backoff).
+pub fn task_transition(state: &'static str) {
+    counter!("conclave_task_transitions_total", "state" => state).increment(1);
+}
+
+pub fn task_write_failed() {
+    counter!("conclave_task_write_failures_total").increment(1);
+}
+
+/// Workers connected to this node, moved by `delta`.
+pub fn workers_connected(delta: i8) {
+    gauge!("conclave_workers_connected").increment(f64::from(delta));
+}

@@ -13,12 +13,12 @@ use actix::prelude::*;
 use actix_ws::{AggregatedMessage, CloseCode, ProtocolError};
 use bytestring::ByteString;
 
+use super::guard::{FrameGuard, Verdict};
 use super::outbound::{Outbound, Pushed};
-use super::rate::TokenBucket;
 use crate::auth::Principal;
 use crate::node::Node;
 use crate::protocol::frames::ServerFrame;
-use crate::protocol::{Command, ErrorCode, Refusal, SessionId, parse_request};
+use crate::protocol::{Command, ErrorCode, Refusal, SessionId, TaskId, parse_request};
 use crate::session::{
     ConnId, Deliver, Disconnect, Edit, FrameClass, Join, Leave, PostChat, Reply, SessionActor,
     SetPresence, Unanswered,
@@ -27,9 +27,6 @@ use crate::telemetry;
 
 /// Requests a connection may have waiting for their sessions before it stops reading.
 const MAX_UNANSWERED: usize = 16;
-
-/// Oversized frames tolerated before the socket is closed with 1009.
-const OVERSIZE_STRIKES: u32 = 3;
 
 /// The actor behind one user socket.
 pub struct ClientConn {
@@ -41,27 +38,28 @@ pub struct ClientConn {
     /// Sessions joined, or being joined, with the actor that serves each.
     joined: HashMap<SessionId, Addr<SessionActor>>,
     last_heard: Instant,
-    oversize_strikes: u32,
-    bucket: TokenBucket,
+    guard: FrameGuard,
     unanswered: Arc<Unanswered>,
-    /// Frames refused for rate in a row.
-    rate_strikes: u32,
 }
 
 impl ClientConn {
     pub fn new(node: Arc<Node>, outbound: Outbound) -> Self {
-        let bucket = TokenBucket::new(node.limits.rate_per_s, node.limits.rate_burst);
+        let limits = &node.limits;
+        let guard = FrameGuard::new(
+            limits.max_frame_bytes,
+            limits.rate_per_s,
+            limits.rate_burst,
+            limits.rate_abuse_strikes,
+        );
         Self {
-            bucket,
+            guard,
             unanswered: Arc::default(),
-            rate_strikes: 0,
             id: uuid::Uuid::now_v7().to_string().into(),
             node,
             outbound,
             principal: None,
             joined: HashMap::new(),
             last_heard: Instant::now(),
-            oversize_strikes: 0,
         }
     }
 
@@ -93,13 +91,13 @@ impl ClientConn {
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
         telemetry::message_in();
-        if text.len() > self.node.limits.max_frame_bytes {
-            return self.on_oversize(ctx);
+        match self.guard.check(text) {
+            Verdict::Admit => {}
+            Verdict::Refuse(refusal, reference) => {
+                return self.refuse(reference.as_deref(), &refusal, ctx);
+            }
+            Verdict::Close(code, refusal) => return self.close_with(code, &refusal, ctx),
         }
-        if !self.bucket.take() {
-            return self.on_rate_limited(text, ctx);
-        }
-        self.rate_strikes = 0;
         let request = match parse_request(text) {
             Ok(request) => request,
             Err(failure) => {
@@ -172,6 +170,34 @@ impl ClientConn {
                 };
                 self.forward(addr, msg, reference, ctx);
             }
+            Command::TaskSubmit { session, task } => {
+                let node = self.node.clone();
+                let pending = self.unanswered.track();
+                async move { crate::tasks::access::submit(&node, &principal, session, task).await }
+                    .into_actor(self)
+                    .map(move |submitted, act, ctx| {
+                        drop(pending);
+                        match submitted {
+                            Ok(task) => act.ack_task(reference.as_deref(), &task.id, ctx),
+                            Err(refusal) => act.refuse(reference.as_deref(), &refusal, ctx),
+                        }
+                    })
+                    .spawn(ctx);
+            }
+            Command::TaskCancel { task } => {
+                let node = self.node.clone();
+                let pending = self.unanswered.track();
+                async move { crate::tasks::access::cancel(&node, &principal, task).await }
+                    .into_actor(self)
+                    .map(move |canceled, act, ctx| {
+                        drop(pending);
+                        match canceled {
+                            Ok(task) => act.ack_task(reference.as_deref(), &task.id, ctx),
+                            Err(refusal) => act.refuse(reference.as_deref(), &refusal, ctx),
+                        }
+                    })
+                    .spawn(ctx);
+            }
             Command::Presence { session, state } => {
                 let Some(addr) = self.route(&session) else {
                     return self.refuse(reference.as_deref(), &not_joined(&session), ctx);
@@ -190,6 +216,17 @@ impl ClientConn {
                 });
             }
         }
+    }
+
+    fn ack_task(&mut self, reference: Option<&str>, task: &TaskId, ctx: &mut Context<Self>) {
+        let frame = ServerFrame::Ack {
+            reference,
+            offset: None,
+            doc: None,
+            version: None,
+            task: Some(task),
+        };
+        self.send_frame(frame.encode(), FrameClass::Ordered, ctx);
     }
 
     fn on_hello(&mut self, token: Option<String>, name: Option<String>, ctx: &mut Context<Self>) {
@@ -367,40 +404,6 @@ impl ClientConn {
             outbox: ctx.address().recipient(),
             reference,
             pending,
-        }
-    }
-
-    /// A frame over the rate: refused (with its `ref`, if it has one) and counted; a client
-    /// that keeps going is closed with 1008.
-    fn on_rate_limited(&mut self, text: &str, ctx: &mut Context<Self>) {
-        self.rate_strikes += 1;
-        let refusal = Refusal::new(
-            ErrorCode::RateLimited,
-            format!(
-                "more than {} frames a second; slow down",
-                self.node.limits.rate_per_s
-            ),
-        );
-        if self.rate_strikes >= self.node.limits.rate_abuse_strikes {
-            return self.close_with(CloseCode::Policy, &refusal, ctx);
-        }
-        let reference = crate::protocol::frames::reference_of(text);
-        self.refuse(reference.as_deref(), &refusal, ctx);
-    }
-
-    fn on_oversize(&mut self, ctx: &mut Context<Self>) {
-        self.oversize_strikes += 1;
-        let refusal = Refusal::new(
-            ErrorCode::TooLarge,
-            format!(
-                "frame exceeds the limit of {} bytes",
-                self.node.limits.max_frame_bytes
-            ),
-        );
-        if self.oversize_strikes >= OVERSIZE_STRIKES {
-            self.close_with(CloseCode::Size, &refusal, ctx);
-        } else {
-            self.refuse(None, &refusal, ctx);
         }
     }
 

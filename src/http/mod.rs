@@ -2,6 +2,7 @@
 //! with its reference page, and the bundled web page.
 
 mod rest;
+mod tasks;
 mod web_page;
 
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use actix_web::{HttpRequest, HttpResponse, get, web};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::conn::{ClientConn, Outbound, YjsConn};
+use crate::conn::{ClientConn, Outbound, WorkerConn, YjsConn};
 use crate::node::Node;
 use crate::protocol::{DocName, Refusal, SessionId};
 
@@ -32,6 +33,10 @@ use crate::protocol::{DocName, Refusal, SessionId};
         rest::post_message,
         rest::get_doc,
         rest::post_edit,
+        tasks::submit_task,
+        tasks::get_task,
+        tasks::cancel_task,
+        tasks::list_workers,
         healthz,
         readyz,
     )
@@ -54,6 +59,14 @@ pub fn configure(node: Arc<Node>) -> impl FnOnce(&mut web::ServiceConfig) {
         cfg.app_data(web::Data::new(node))
             .app_data(json)
             .app_data(query)
+            // `GET /v1/workers` is both the worker socket and the REST listing: the upgrade
+            // header tells them apart, so the socket's route comes first.
+            .route(
+                "/v1/workers",
+                web::get()
+                    .guard(actix_web::guard::fn_guard(is_websocket_upgrade))
+                    .to(worker_socket),
+            )
             .service(rest::create_session)
             .service(rest::list_sessions)
             .service(rest::get_session)
@@ -62,6 +75,10 @@ pub fn configure(node: Arc<Node>) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(rest::post_message)
             .service(rest::get_doc)
             .service(rest::post_edit)
+            .service(tasks::submit_task)
+            .service(tasks::get_task)
+            .service(tasks::cancel_task)
+            .service(tasks::list_workers)
             .service(healthz)
             .service(readyz)
             .service(metrics)
@@ -109,6 +126,29 @@ async fn user_socket(
     ClientConn::create(move |ctx| {
         ctx.add_stream(stream);
         ClientConn::new(node, outbound)
+    });
+    Ok(response)
+}
+
+fn is_websocket_upgrade(ctx: &actix_web::guard::GuardContext<'_>) -> bool {
+    ctx.head()
+        .headers()
+        .get(actix_web::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// The worker-agent socket. Authentication happens in its `hello` frame.
+async fn worker_socket(
+    req: HttpRequest,
+    body: web::Payload,
+    node: web::Data<Arc<Node>>,
+) -> actix_web::Result<HttpResponse> {
+    let (response, stream, outbound) = upgrade(&req, body, &node)?;
+    let node = node.get_ref().clone();
+    WorkerConn::create(move |ctx| {
+        ctx.add_stream(stream);
+        WorkerConn::new(node, outbound)
     });
     Ok(response)
 }

@@ -78,7 +78,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(super) type ApiResult<T> = Result<T, ApiError>;
 
 /// The authenticated caller of a REST route, from `Authorization: Bearer <jwt>` (or anonymous,
 /// where the server admits anonymous users).
@@ -106,7 +106,7 @@ impl FromRequest for Caller {
     }
 }
 
-fn session_id(raw: &str) -> ApiResult<SessionId> {
+pub(super) fn session_id(raw: &str) -> ApiResult<SessionId> {
     SessionId::parse(raw).map_err(|e| Refusal::bad_request(e.to_string()).into())
 }
 
@@ -226,7 +226,7 @@ async fn inspect(node: &Node, id: &SessionId) -> Option<LiveView> {
     addr.send(Inspect).await.ok()
 }
 
-async fn existing_session(node: &Node, id: &SessionId) -> ApiResult<SessionRecord> {
+pub(super) async fn existing_session(node: &Node, id: &SessionId) -> ApiResult<SessionRecord> {
     match node.store.session(id).await? {
         Some(record) if !record.archived => Ok(record),
         _ => Err(Refusal::not_found(format!("no session {id}")).into()),

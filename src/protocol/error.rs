@@ -1,10 +1,10 @@
 //! The fixed error codes of PROTOCOL.md, and the error every layer above the store reports to a
 //! client.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// An error code from PROTOCOL.md. The set is fixed; the wire spelling is snake_case.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,

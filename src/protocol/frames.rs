@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::{ErrorCode, Refusal};
-use super::ids::{DocName, SessionId};
+use super::ids::{DocName, SessionId, TaskId};
 use crate::session::log::{Actor, Event};
 use crate::session::ot::{Component, Operation};
 
@@ -61,6 +61,14 @@ pub enum Command {
         /// re-encoded once for the session.)
         state: serde_json::Value,
     },
+    #[serde(rename = "task.submit")]
+    TaskSubmit {
+        session: SessionId,
+        #[serde(flatten)]
+        task: crate::tasks::TaskRequest,
+    },
+    #[serde(rename = "task.cancel")]
+    TaskCancel { task: TaskId },
     #[serde(rename = "ping")]
     Ping,
 }
@@ -73,8 +81,9 @@ impl Command {
             | Self::Leave { session }
             | Self::Chat { session, .. }
             | Self::Edit { session, .. }
-            | Self::Presence { session, .. } => Some(session),
-            Self::Hello { .. } | Self::Ping => None,
+            | Self::Presence { session, .. }
+            | Self::TaskSubmit { session, .. } => Some(session),
+            Self::Hello { .. } | Self::Ping | Self::TaskCancel { .. } => None,
         }
     }
 }
@@ -208,6 +217,9 @@ pub enum ServerFrame<'a> {
         doc: Option<&'a DocName>,
         #[serde(skip_serializing_if = "Option::is_none")]
         version: Option<u64>,
+        /// The id of a task just submitted.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        task: Option<&'a TaskId>,
     },
     /// A committed change to a document; `ops` apply to version `version - 1`.
     #[serde(rename = "doc")]

@@ -1,4 +1,5 @@
-//! Validated identifiers that arrive from the outside: session and document names.
+//! Validated identifiers: session and document names, task kinds, and the ids the server makes
+//! (tasks, leases, workers) when they come back from a client.
 //!
 //! PROTOCOL.md fixes their shape as `^[A-Za-z0-9._-]{1,128}$`. Parsing happens once, at the edge
 //! (serde or a REST path), so that every other layer can take a [`SessionId`] as already valid.
@@ -79,6 +80,41 @@ name_type!(
     /// The name of a document within a session.
     DocName
 );
+
+name_type!(
+    /// A kind of task, matched against the capabilities workers declare (`code_review`,
+    /// `council.propose`).
+    TaskKind
+);
+
+name_type!(
+    /// A task's id: a UUIDv7 made by the server, checked against the name grammar when it comes
+    /// back from a client, so that an unknown id is simply not found.
+    TaskId
+);
+
+name_type!(
+    /// One assignment of a task to a worker: a fresh UUIDv7 per attempt, used as a fencing token.
+    LeaseId
+);
+
+name_type!(
+    /// A worker connection's id, made by the server at `hello`.
+    WorkerId
+);
+
+/// Declares `new()` for ids the server makes: a UUIDv7, which always fits the name grammar.
+macro_rules! generated_id {
+    ($($name:ident),*) => {$(
+        impl $name {
+            pub fn generate() -> Self {
+                Self(Arc::from(uuid::Uuid::now_v7().to_string()))
+            }
+        }
+    )*};
+}
+
+generated_id!(TaskId, LeaseId, WorkerId);
 
 #[cfg(test)]
 mod tests {

@@ -6,8 +6,9 @@
 pub mod error;
 pub mod frames;
 pub mod ids;
+pub mod worker;
 pub mod yjs;
 
 pub use error::{ErrorCode, Refusal};
 pub use frames::{Command, Request, Role, ServerFrame, UserInfo, parse_request};
-pub use ids::{DocName, InvalidName, SessionId};
+pub use ids::{DocName, InvalidName, LeaseId, SessionId, TaskId, TaskKind, WorkerId};

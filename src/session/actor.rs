@@ -21,9 +21,9 @@ use super::document::Document;
 use super::log::{self, ChatData, Event, EventKind, MemberData, NewEvent};
 use super::messages::Reattach;
 use super::messages::{
-    Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit, FrameClass,
-    Inspect, Join, Leave, LiveView, PostChat, REPLAY_BUDGET_FACTOR, ReadDoc, Reply, SetPresence,
-    YjsAttach, YjsAwareness, YjsAwarenessQuery, YjsSyncStep1, YjsUpdate,
+    AppendEvent, Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit,
+    FrameClass, Inspect, Join, Leave, LiveView, PostChat, REPLAY_BUDGET_FACTOR, ReadDoc, Reply,
+    SetPresence, YjsAttach, YjsAwareness, YjsAwarenessQuery, YjsSyncStep1, YjsUpdate,
 };
 use super::ot::Operation;
 use super::registry::SessionRegistry;
@@ -929,6 +929,14 @@ impl Handler<PostChat> for SessionActor {
         }
         let event = NewEvent::new(EventKind::Chat, msg.actor, &ChatData { text: &msg.text });
         self.enqueue(event, Some(msg.reply), ctx);
+    }
+}
+
+impl Handler<AppendEvent> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AppendEvent, ctx: &mut Context<Self>) {
+        self.enqueue(msg.event, None, ctx);
     }
 }
 

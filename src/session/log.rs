@@ -20,6 +20,20 @@ pub enum EventKind {
     MemberJoined,
     #[serde(rename = "member.left")]
     MemberLeft,
+    #[serde(rename = "task.submitted")]
+    TaskSubmitted,
+    #[serde(rename = "task.working")]
+    TaskWorking,
+    #[serde(rename = "task.progress")]
+    TaskProgress,
+    #[serde(rename = "task.retrying")]
+    TaskRetrying,
+    #[serde(rename = "task.completed")]
+    TaskCompleted,
+    #[serde(rename = "task.failed")]
+    TaskFailed,
+    #[serde(rename = "task.canceled")]
+    TaskCanceled,
 }
 
 impl EventKind {
@@ -28,6 +42,13 @@ impl EventKind {
             Self::Chat => "chat",
             Self::MemberJoined => "member.joined",
             Self::MemberLeft => "member.left",
+            Self::TaskSubmitted => "task.submitted",
+            Self::TaskWorking => "task.working",
+            Self::TaskProgress => "task.progress",
+            Self::TaskRetrying => "task.retrying",
+            Self::TaskCompleted => "task.completed",
+            Self::TaskFailed => "task.failed",
+            Self::TaskCanceled => "task.canceled",
         }
     }
 
@@ -36,6 +57,13 @@ impl EventKind {
             "chat" => Self::Chat,
             "member.joined" => Self::MemberJoined,
             "member.left" => Self::MemberLeft,
+            "task.submitted" => Self::TaskSubmitted,
+            "task.working" => Self::TaskWorking,
+            "task.progress" => Self::TaskProgress,
+            "task.retrying" => Self::TaskRetrying,
+            "task.completed" => Self::TaskCompleted,
+            "task.failed" => Self::TaskFailed,
+            "task.canceled" => Self::TaskCanceled,
             _ => return None,
         })
     }
@@ -90,7 +118,8 @@ impl NewEvent {
     }
 }
 
-fn rfc3339<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+/// Serializes a time as PROTOCOL.md wants it: RFC 3339 in UTC, to the millisecond.
+pub fn rfc3339<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&at.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
@@ -104,4 +133,26 @@ pub struct ChatData<'a> {
 #[derive(Debug, Serialize)]
 pub struct MemberData<'a> {
     pub user: &'a crate::protocol::UserInfo,
+}
+
+/// `data` of every `task.*` event: the task, its attempt, and what the transition carries.
+#[derive(Debug, Serialize)]
+pub struct TaskEventData<'a> {
+    pub task: &'a crate::protocol::TaskId,
+    pub kind: &'a crate::protocol::TaskKind,
+    pub attempt: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<&'a crate::protocol::WorkerId>,
+    /// `task.progress`: the worker's data, opaque.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<&'a RawValue>,
+    /// `task.completed`: the output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<&'a RawValue>,
+    /// `task.failed` and `task.retrying`: the error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+    /// `task.retrying`: when the next attempt may start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
 }

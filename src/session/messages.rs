@@ -162,6 +162,7 @@ impl Reply {
                     offset: committed.offset,
                     doc: committed.doc.as_ref().map(|(doc, _)| doc),
                     version: committed.doc.as_ref().map(|(_, version)| *version),
+                    task: None,
                 }
                 .encode(),
             )),
@@ -224,6 +225,14 @@ pub struct PostChat {
     pub actor: Actor,
     pub text: String,
     pub reply: Reply,
+}
+
+/// An event from elsewhere in the node (the scheduler's `task.*` transitions) to append to the
+/// log. Nobody awaits it: the transition it records is already durable in its own table.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AppendEvent {
+    pub event: crate::session::log::NewEvent,
 }
 
 /// A JSON edit of a document: `ops` written against version `base`. `conn` is `None` for

@@ -12,9 +12,9 @@ pub use actor::SessionActor;
 #[cfg(feature = "fault-injection")]
 pub use messages::InjectPanic;
 pub use messages::{
-    Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit, FrameClass,
-    Inspect, Join, Leave, LiveView, PostChat, REPLAY_BUDGET_FACTOR, ReadDoc, Reply, SetPresence,
-    YjsAttach, YjsAwareness, YjsAwarenessQuery, YjsSyncStep1, YjsUpdate,
+    AppendEvent, Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit,
+    FrameClass, Inspect, Join, Leave, LiveView, PostChat, REPLAY_BUDGET_FACTOR, ReadDoc, Reply,
+    SetPresence, YjsAttach, YjsAwareness, YjsAwarenessQuery, YjsSyncStep1, YjsUpdate,
 };
 pub use messages::{PendingGuard, Reattach, Unanswered};
 pub use registry::{SessionDeps, SessionRegistry};

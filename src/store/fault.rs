@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use async_trait::async_trait;
 
 use super::{DocSnapshot, DocUpdate, SessionRecord, SharedStore, Store, StoreError, StoredDoc};
-use crate::protocol::{DocName, SessionId};
+use crate::protocol::{DocName, SessionId, TaskId, WorkerId};
 use crate::session::log::Event;
+use crate::tasks::{Claim, ClaimedTask, ExpiredLease, Settled, TaskRecord, TaskWrites};
 
 /// The switch a test holds to fail the wrapped store's writes.
 #[derive(Default)]
@@ -39,6 +40,15 @@ impl FaultSwitch {
 
     fn check_load(&self) -> Result<(), StoreError> {
         if self.fail_loads.load(Ordering::SeqCst) {
+            Err(StoreError::Injected)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Task writes fail only in an outage: the counted failures are meant for event commits.
+    fn check_outage(&self) -> Result<(), StoreError> {
+        if self.fail_all_writes.load(Ordering::SeqCst) {
             Err(StoreError::Injected)
         } else {
             Ok(())
@@ -156,5 +166,31 @@ impl Store for FaultyStore {
         limit: u32,
     ) -> Result<Vec<Event>, StoreError> {
         self.inner.events_after(id, after, limit).await
+    }
+
+    async fn write_tasks(&self, writes: &TaskWrites) -> Result<Vec<Option<Settled>>, StoreError> {
+        self.switch.check_outage()?;
+        self.inner.write_tasks(writes).await
+    }
+
+    async fn claim_tasks(
+        &self,
+        claim: &Claim,
+        slots: &[WorkerId],
+    ) -> Result<Vec<(usize, ClaimedTask)>, StoreError> {
+        self.switch.check_outage()?;
+        self.inner.claim_tasks(claim, slots).await
+    }
+
+    async fn expired_leases(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        limit: u32,
+    ) -> Result<Vec<ExpiredLease>, StoreError> {
+        self.inner.expired_leases(now, limit).await
+    }
+
+    async fn task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        self.inner.task(id).await
     }
 }

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::protocol::{DocName, SessionId};
+use crate::protocol::{DocName, SessionId, TaskId, WorkerId};
 use crate::session::log::Event;
+use crate::tasks::{Claim, ClaimedTask, ExpiredLease, Settled, TaskRecord, TaskWrites};
 
 pub use sql::{PgStore, SqliteStore};
 
@@ -109,6 +110,31 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: u32,
     ) -> Result<Vec<Event>, StoreError>;
+
+    /// Makes one scheduler batch in one transaction: inserts, fenced transitions and lease
+    /// renewals. Returns one entry per settlement, in order: `None` where the fence refused it
+    /// (a stale lease, or a task already done).
+    async fn write_tasks(&self, writes: &TaskWrites) -> Result<Vec<Option<Settled>>, StoreError>;
+
+    /// Claims up to one queued task per slot of `slots` (by priority, then round-robin across
+    /// sessions, then age), marks each working under a fresh lease for its slot's worker, and
+    /// returns them with their slot's index. On PostgreSQL the claim skips rows other nodes have
+    /// locked, so several nodes share one queue.
+    async fn claim_tasks(
+        &self,
+        claim: &Claim,
+        slots: &[WorkerId],
+    ) -> Result<Vec<(usize, ClaimedTask)>, StoreError>;
+
+    /// Working tasks whose lease expired or whose deadline passed by `now`, at most `limit`.
+    async fn expired_leases(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<ExpiredLease>, StoreError>;
+
+    /// One task.
+    async fn task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
 }
 
 /// One yrs update of a document, as committed with its batch.

@@ -19,8 +19,11 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row};
 
 use super::{DocSnapshot, DocUpdate, SessionRecord, Store, StoreError, StoredDoc};
-use crate::protocol::{DocName, SessionId};
+use crate::protocol::{DocName, LeaseId, SessionId, TaskId, TaskKind, WorkerId};
 use crate::session::log::{Actor, Event, EventKind};
+use crate::tasks::{
+    Claim, ClaimedTask, Expect, ExpiredLease, Outcome, Settled, TaskRecord, TaskState, TaskWrites,
+};
 
 /// The embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so that a commit is
 /// on disk before it is acked.
@@ -86,6 +89,30 @@ fn from_offset(offset: u64) -> i64 {
     i64::try_from(offset).unwrap_or(i64::MAX)
 }
 
+/// Parses an id column with the name grammar, as a corrupt row rather than a panic.
+fn stored_id<T>(
+    raw: &str,
+    parse: impl Fn(&str) -> Result<T, crate::protocol::InvalidName>,
+) -> Result<T, StoreError> {
+    parse(raw).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn stored_json(raw: String, column: &str) -> Result<Box<RawValue>, StoreError> {
+    RawValue::from_string(raw).map_err(|e| StoreError::Corrupt(format!("task {column}: {e}")))
+}
+
+fn to_count(raw: i64, column: &str) -> Result<u32, StoreError> {
+    u32::try_from(raw).map_err(|_| StoreError::Corrupt(format!("task {column} {raw} out of range")))
+}
+
+/// The columns of a [`TaskRecord`], as a literal so that `concat!` can extend it.
+macro_rules! select_tasks {
+    () => {
+        "SELECT id, session_id, kind, input, priority, max_attempts, timeout_s, state, attempt, \
+         worker_id, output, error, submitted_by, created_at_ms, updated_at_ms FROM tasks"
+    };
+}
+
 /// The columns of a [`SessionRecord`], as a literal so that `concat!` can extend it.
 macro_rules! select_sessions {
     () => {
@@ -96,8 +123,37 @@ macro_rules! select_sessions {
 }
 
 macro_rules! sql_store {
-    ($store:ty, $backend:literal, $migrator:expr, $row:ty) => {
+    ($store:ty, $backend:literal, $migrator:expr, $row:ty, begin_write: $begin:literal, skip_locked: $lock:literal) => {
         impl $store {
+            fn task_from_row(row: &$row) -> Result<TaskRecord, StoreError> {
+                let state: String = row.try_get("state")?;
+                Ok(TaskRecord {
+                    id: stored_id(&row.try_get::<String, _>("id")?, TaskId::parse)?,
+                    session: stored_id(&row.try_get::<String, _>("session_id")?, SessionId::parse)?,
+                    kind: stored_id(&row.try_get::<String, _>("kind")?, TaskKind::parse)?,
+                    state: TaskState::parse(&state)
+                        .ok_or_else(|| StoreError::Corrupt(format!("unknown task state {state}")))?,
+                    attempt: to_count(row.try_get::<i64, _>("attempt")?, "attempt")?,
+                    input: stored_json(row.try_get("input")?, "input")?,
+                    output: row
+                        .try_get::<Option<String>, _>("output")?
+                        .map(|raw| stored_json(raw, "output"))
+                        .transpose()?,
+                    error: row.try_get("error")?,
+                    priority: i32::try_from(row.try_get::<i64, _>("priority")?)
+                        .map_err(|_| StoreError::Corrupt("task priority out of range".into()))?,
+                    max_attempts: to_count(row.try_get::<i64, _>("max_attempts")?, "max_attempts")?,
+                    timeout_s: to_count(row.try_get::<i64, _>("timeout_s")?, "timeout_s")?,
+                    worker: row
+                        .try_get::<Option<String>, _>("worker_id")?
+                        .map(|raw| stored_id(&raw, WorkerId::parse))
+                        .transpose()?,
+                    submitted_by: row.try_get("submitted_by")?,
+                    created_at: millis_to_time(row.try_get("created_at_ms")?)?,
+                    updated_at: millis_to_time(row.try_get("updated_at_ms")?)?,
+                })
+            }
+
             fn session_from_row(row: &$row) -> Result<SessionRecord, StoreError> {
                 let id: String = row.try_get("id")?;
                 Ok(SessionRecord {
@@ -345,19 +401,245 @@ macro_rules! sql_store {
                 .await?;
                 rows.iter().map(Self::event_from_row).collect()
             }
+
+            async fn write_tasks(&self, writes: &TaskWrites) -> Result<Vec<Option<Settled>>, StoreError> {
+                if writes.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let now = Utc::now().timestamp_millis();
+                let mut tx = self.pool.begin_with($begin).await?;
+                for chunk in writes.inserts.chunks(500) {
+                    let mut insert = QueryBuilder::new(
+                        "INSERT INTO tasks (id, session_id, kind, input, priority, max_attempts, \
+                         timeout_s, state, attempt, not_before_ms, submitted_by, created_at_ms, \
+                         updated_at_ms) ",
+                    );
+                    insert.push_values(chunk, |mut row, task| {
+                        let at = task.at.timestamp_millis();
+                        row.push_bind(task.id.as_str())
+                            .push_bind(task.session.as_str())
+                            .push_bind(task.spec.kind.as_str())
+                            .push_bind(task.spec.input.get())
+                            .push_bind(i64::from(task.spec.priority))
+                            .push_bind(i64::from(task.spec.max_attempts))
+                            .push_bind(i64::from(task.spec.timeout_s))
+                            .push_bind(TaskState::Submitted.as_str())
+                            .push_bind(0_i64)
+                            .push_bind(at)
+                            .push_bind(task.submitted_by.as_str())
+                            .push_bind(at)
+                            .push_bind(at);
+                    });
+                    insert.build().execute(&mut *tx).await?;
+                }
+                let mut settled = Vec::with_capacity(writes.settlements.len());
+                for settlement in &writes.settlements {
+                    let (output, error, not_before, attempt_back): (Option<&str>, Option<&str>, Option<i64>, i64) =
+                        match &settlement.outcome {
+                            Outcome::Completed { output } => (Some(output.get()), None, None, 0),
+                            Outcome::Failed { error } => (None, Some(error.as_str()), None, 0),
+                            Outcome::Retry { error, not_before } => {
+                                (None, Some(error.as_str()), Some(not_before.timestamp_millis()), 0)
+                            }
+                            Outcome::Release => (None, None, Some(now), 1),
+                            Outcome::Canceled => (None, None, None, 0),
+                        };
+                    let mut update = QueryBuilder::new("UPDATE tasks SET state = ");
+                    update
+                        .push_bind(settlement.outcome.state().as_str())
+                        .push(", lease = NULL, worker_id = NULL, lease_expires_ms = NULL, deadline_ms = NULL")
+                        .push(", output = COALESCE(")
+                        .push_bind(output)
+                        .push(", output), error = COALESCE(")
+                        .push_bind(error)
+                        .push(", error), not_before_ms = COALESCE(")
+                        .push_bind(not_before)
+                        .push(", not_before_ms), attempt = attempt - ")
+                        .push_bind(attempt_back)
+                        .push(", updated_at_ms = ")
+                        .push_bind(now)
+                        .push(" WHERE id = ")
+                        .push_bind(settlement.task.as_str());
+                    match &settlement.expect {
+                        Expect::Lease(lease) => {
+                            update.push(" AND state = 'working' AND lease = ").push_bind(lease.as_str());
+                        }
+                        Expect::Open => {
+                            update.push(" AND state IN ('submitted', 'working')");
+                        }
+                    }
+                    update.push(" RETURNING session_id, kind, attempt");
+                    let row = update.build().fetch_optional(&mut *tx).await?;
+                    settled.push(match row {
+                        Some(row) => Some(Settled {
+                            session: stored_id(&row.try_get::<String, _>("session_id")?, SessionId::parse)?,
+                            kind: stored_id(&row.try_get::<String, _>("kind")?, TaskKind::parse)?,
+                            attempt: to_count(row.try_get::<i64, _>("attempt")?, "attempt")?,
+                        }),
+                        None => None,
+                    });
+                }
+                for renewal in &writes.renewals {
+                    sqlx::query(
+                        "UPDATE tasks SET lease_expires_ms = $2 WHERE worker_id = $1 AND state = 'working'",
+                    )
+                    .bind(renewal.worker.as_str())
+                    .bind(renewal.expires.timestamp_millis())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(settled)
+            }
+
+            async fn claim_tasks(
+                &self,
+                claim: &Claim,
+                slots: &[WorkerId],
+            ) -> Result<Vec<(usize, ClaimedTask)>, StoreError> {
+                if slots.is_empty() || claim.kinds.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let now = claim.now.timestamp_millis();
+                let mut tx = self.pool.begin_with($begin).await?;
+                // Priority first; within a priority, each session's oldest task (its turn 1),
+                // then each session's second oldest, and so on; among equal turns, the session
+                // served longest ago first. That is round-robin across sessions: a flood from one
+                // session queues behind a task of every other.
+                // (A join to the picked ids, not `id IN (…)`: SQLite 3.51 does not honour the
+                // ORDER BY … LIMIT of a windowed subquery under IN.)
+                let mut select = QueryBuilder::new(
+                    "WITH ranked AS (SELECT t.id, t.priority, t.created_at_ms, \
+                     COALESCE(q.served_at_ms, 0) AS served, ROW_NUMBER() OVER \
+                     (PARTITION BY t.session_id ORDER BY t.priority DESC, t.created_at_ms, t.id) \
+                     AS turn FROM tasks t LEFT JOIN task_sessions q ON q.session_id = t.session_id \
+                     WHERE t.state = 'submitted' AND t.not_before_ms <= ",
+                );
+                select.push_bind(now).push(" AND t.kind IN (");
+                let mut kinds = select.separated(", ");
+                for kind in &claim.kinds {
+                    kinds.push_bind(kind.as_str());
+                }
+                select
+                    .push(
+                        ")), picked AS (SELECT id, priority, turn, served, created_at_ms FROM ranked \
+                         ORDER BY priority DESC, turn, served, created_at_ms, id LIMIT ",
+                    )
+                    .push_bind(i64::try_from(slots.len()).unwrap_or(i64::MAX))
+                    .push(
+                        ") SELECT t.id, t.session_id, t.kind, t.input, t.attempt, t.max_attempts, \
+                         t.timeout_s FROM tasks t JOIN picked p ON p.id = t.id \
+                         WHERE t.state = 'submitted' \
+                         ORDER BY p.priority DESC, p.turn, p.served, p.created_at_ms, p.id",
+                    )
+                    .push($lock);
+                let rows = select.build().fetch_all(&mut *tx).await?;
+                let mut claimed = Vec::with_capacity(rows.len());
+                let mut served: Vec<String> = Vec::new();
+                for (slot, row) in rows.iter().enumerate() {
+                    let id = stored_id(&row.try_get::<String, _>("id")?, TaskId::parse)?;
+                    let lease = LeaseId::generate();
+                    let timeout_s: i64 = row.try_get("timeout_s")?;
+                    let deadline = now.saturating_add(timeout_s.saturating_mul(1000));
+                    let attempt = to_count(row.try_get::<i64, _>("attempt")?, "attempt")? + 1;
+                    sqlx::query(
+                        "UPDATE tasks SET state = 'working', attempt = $2, lease = $3, worker_id = $4, \
+                         lease_expires_ms = $5, deadline_ms = $6, updated_at_ms = $7 WHERE id = $1",
+                    )
+                    .bind(id.as_str())
+                    .bind(i64::from(attempt))
+                    .bind(lease.as_str())
+                    .bind(slots[slot].as_str())
+                    .bind(now.saturating_add(claim.lease_ttl_ms))
+                    .bind(deadline)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    let session: String = row.try_get("session_id")?;
+                    if !served.contains(&session) {
+                        served.push(session.clone());
+                    }
+                    claimed.push((slot, ClaimedTask {
+                        id,
+                        lease,
+                        session: stored_id(&session, SessionId::parse)?,
+                        kind: stored_id(&row.try_get::<String, _>("kind")?, TaskKind::parse)?,
+                        input: stored_json(row.try_get("input")?, "input")?,
+                        attempt,
+                        max_attempts: to_count(row.try_get::<i64, _>("max_attempts")?, "max_attempts")?,
+                        deadline: millis_to_time(deadline)?,
+                    }));
+                }
+                for session in &served {
+                    sqlx::query(
+                        "INSERT INTO task_sessions (session_id, served_at_ms) VALUES ($1, $2) \
+                         ON CONFLICT (session_id) DO UPDATE SET served_at_ms = excluded.served_at_ms",
+                    )
+                    .bind(session)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(claimed)
+            }
+
+            async fn expired_leases(
+                &self,
+                now: DateTime<Utc>,
+                limit: u32,
+            ) -> Result<Vec<ExpiredLease>, StoreError> {
+                let now = now.timestamp_millis();
+                let rows = sqlx::query(
+                    "SELECT id, lease, attempt, max_attempts, deadline_ms FROM tasks \
+                     WHERE state = 'working' AND (lease_expires_ms < $1 OR deadline_ms < $1) LIMIT $2",
+                )
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        let lease: Option<String> = row.try_get("lease")?;
+                        let deadline: Option<i64> = row.try_get("deadline_ms")?;
+                        Ok(ExpiredLease {
+                            task: stored_id(&row.try_get::<String, _>("id")?, TaskId::parse)?,
+                            lease: stored_id(lease.as_deref().unwrap_or(""), LeaseId::parse)?,
+                            attempt: to_count(row.try_get::<i64, _>("attempt")?, "attempt")?,
+                            max_attempts: to_count(row.try_get::<i64, _>("max_attempts")?, "max_attempts")?,
+                            timed_out: deadline.is_some_and(|d| d < now),
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
+                let row = sqlx::query(concat!(select_tasks!(), " WHERE id = $1"))
+                    .bind(id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(Self::task_from_row).transpose()
+            }
         }
     };
 }
 
+// SQLite takes its write lock up front: a deferred transaction that reads before it writes
+// fails outright (SQLITE_BUSY_SNAPSHOT) when a session commits in between, where an immediate one
+// just waits its turn. SQLite has one writer, so it needs no row locks to share a queue.
 sql_store!(
     SqliteStore,
     "sqlite",
     sqlx::migrate!("./migrations/sqlite"),
-    sqlx::sqlite::SqliteRow
+    sqlx::sqlite::SqliteRow,
+    begin_write: "BEGIN IMMEDIATE",
+    skip_locked: ""
 );
 sql_store!(
     PgStore,
     "postgres",
     sqlx::migrate!("./migrations/postgres"),
-    sqlx::postgres::PgRow
+    sqlx::postgres::PgRow,
+    begin_write: "BEGIN",
+    skip_locked: " FOR UPDATE OF t SKIP LOCKED"
 );

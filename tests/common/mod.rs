@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod worker;
 pub mod yjs;
 
 use std::collections::VecDeque;
@@ -953,6 +954,19 @@ pub fn with_tokens(config: &mut ServeConfig) {
 
 /// A token for `sub` with `role`, signed with [`TEST_SECRET`], valid for an hour.
 pub fn token(sub: &str, role: conclave::protocol::Role) -> String {
+    issue_token(sub, role, None)
+}
+
+/// A token like [`token`], limited to `sessions` (ids or `prefix*` patterns).
+pub fn scoped_token(sub: &str, role: conclave::protocol::Role, sessions: &[&str]) -> String {
+    issue_token(
+        sub,
+        role,
+        Some(sessions.iter().map(|s| (*s).to_owned()).collect()),
+    )
+}
+
+fn issue_token(sub: &str, role: conclave::protocol::Role, sessions: Option<Vec<String>>) -> String {
     let auth = conclave::auth::Authenticator::new(Some(TEST_SECRET), None, false)
         .expect("an HS256 authenticator");
     let exp = u64::try_from(chrono::Utc::now().timestamp()).expect("time after 1970") + 3600;
@@ -960,10 +974,21 @@ pub fn token(sub: &str, role: conclave::protocol::Role) -> String {
         sub: sub.to_owned(),
         name: Some(sub.to_owned()),
         role,
-        sessions: None,
+        sessions,
         exp,
     })
     .expect("signing a test token")
+}
+
+/// Sends a prepared request and returns the status and the JSON body (`Value::Null` if none).
+pub async fn send_with(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("request failed: {e}"));
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// A session name unique to one test run.

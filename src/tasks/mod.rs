@@ -1,0 +1,14 @@
+//! Tasks and workers: the durable queue's model, the node's [`Scheduler`], and the messages
+//! between it and worker connections.
+
+pub mod access;
+mod messages;
+mod model;
+mod scheduler;
+
+pub use messages::{
+    CancelTask, DrainWorker, ListWorkers, RegisterWorker, Report, SubmitTask, TaskReport, ToWorker,
+    WorkerGone, WorkerHeartbeat, WorkerView,
+};
+pub use model::*;
+pub use scheduler::{SWEEP_EVERY, Scheduler, SchedulerConfig, raw_json};
