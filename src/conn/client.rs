@@ -13,16 +13,17 @@ use actix::prelude::*;
 use actix_ws::{AggregatedMessage, CloseCode, ProtocolError};
 use bytestring::ByteString;
 
-use super::guard::{FrameGuard, Verdict};
+use super::guard::{FrameGuard, Inbound, Verdict, classify};
 use super::outbound::{Outbound, Pushed};
 use crate::auth::Principal;
 use crate::node::Node;
 use crate::protocol::frames::ServerFrame;
-use crate::protocol::{Command, ErrorCode, Refusal, SessionId, TaskId, parse_request};
+use crate::protocol::{Command, ErrorCode, Refusal, SessionId, parse_request};
 use crate::session::{
     ConnId, Deliver, Disconnect, Edit, FrameClass, Join, Leave, PostChat, Reply, SessionActor,
     SetPresence, Unanswered,
 };
+use crate::tasks::TaskRecord;
 use crate::telemetry;
 
 /// Requests a connection may have waiting for their sessions before it stops reading.
@@ -172,31 +173,16 @@ impl ClientConn {
             }
             Command::TaskSubmit { session, task } => {
                 let node = self.node.clone();
-                let pending = self.unanswered.track();
-                async move { crate::tasks::access::submit(&node, &principal, session, task).await }
-                    .into_actor(self)
-                    .map(move |submitted, act, ctx| {
-                        drop(pending);
-                        match submitted {
-                            Ok(task) => act.ack_task(reference.as_deref(), &task.id, ctx),
-                            Err(refusal) => act.refuse(reference.as_deref(), &refusal, ctx),
-                        }
-                    })
-                    .spawn(ctx);
+                let submit = async move {
+                    crate::tasks::access::submit(&node, &principal, session, task).await
+                };
+                self.answer_task(submit, reference, ctx);
             }
             Command::TaskCancel { task } => {
                 let node = self.node.clone();
-                let pending = self.unanswered.track();
-                async move { crate::tasks::access::cancel(&node, &principal, task).await }
-                    .into_actor(self)
-                    .map(move |canceled, act, ctx| {
-                        drop(pending);
-                        match canceled {
-                            Ok(task) => act.ack_task(reference.as_deref(), &task.id, ctx),
-                            Err(refusal) => act.refuse(reference.as_deref(), &refusal, ctx),
-                        }
-                    })
-                    .spawn(ctx);
+                let cancel =
+                    async move { crate::tasks::access::cancel(&node, &principal, task).await };
+                self.answer_task(cancel, reference, ctx);
             }
             Command::Presence { session, state } => {
                 let Some(addr) = self.route(&session) else {
@@ -218,15 +204,34 @@ impl ClientConn {
         }
     }
 
-    fn ack_task(&mut self, reference: Option<&str>, task: &TaskId, ctx: &mut Context<Self>) {
-        let frame = ServerFrame::Ack {
-            reference,
-            offset: None,
-            doc: None,
-            version: None,
-            task: Some(task),
-        };
-        self.send_frame(frame.encode(), FrameClass::Ordered, ctx);
+    /// Answers a task request with `ack` carrying the task id, or the refusal, once `request`
+    /// (a submit or cancel through the scheduler) resolves.
+    fn answer_task(
+        &mut self,
+        request: impl Future<Output = Result<TaskRecord, Refusal>> + 'static,
+        reference: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let pending = self.unanswered.track();
+        request
+            .into_actor(self)
+            .map(move |answer, act, ctx| {
+                drop(pending);
+                match answer {
+                    Ok(task) => {
+                        let frame = ServerFrame::Ack {
+                            reference: reference.as_deref(),
+                            offset: None,
+                            doc: None,
+                            version: None,
+                            task: Some(&task.id),
+                        };
+                        act.send_frame(frame.encode(), FrameClass::Ordered, ctx);
+                    }
+                    Err(refusal) => act.refuse(reference.as_deref(), &refusal, ctx),
+                }
+            })
+            .spawn(ctx);
     }
 
     fn on_hello(&mut self, token: Option<String>, name: Option<String>, ctx: &mut Context<Self>) {
@@ -466,28 +471,15 @@ impl Handler<Deliver> for ClientConn {
 impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for ClientConn {
     fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
         self.last_heard = Instant::now();
-        match item {
-            Ok(AggregatedMessage::Text(text)) => self.on_text(&text, ctx),
-            Ok(AggregatedMessage::Binary(_)) => {
-                let refusal = Refusal::bad_request("binary frames are not part of protocol v1");
-                self.refuse(None, &refusal, ctx);
-            }
-            Ok(AggregatedMessage::Ping(_) | AggregatedMessage::Pong(_)) => {}
-            Ok(AggregatedMessage::Close(_)) => {
+        match classify(item) {
+            Inbound::Text(text) => self.on_text(&text, ctx),
+            Inbound::Refuse(refusal) => self.refuse(None, &refusal, ctx),
+            Inbound::Ignore => {}
+            Inbound::Closed => {
                 self.outbound.close(CloseCode::Normal, "bye");
                 ctx.stop();
             }
-            Err(ProtocolError::Overflow) => {
-                // The codec cannot skip a frame it refused to buffer, so this one ends the socket.
-                let refusal =
-                    Refusal::new(ErrorCode::TooLarge, "frame exceeds the hard size limit");
-                self.close_with(CloseCode::Size, &refusal, ctx);
-            }
-            Err(err) => {
-                tracing::debug!(conn = %self.id, %err, "websocket protocol error");
-                let refusal = Refusal::bad_request(format!("websocket protocol error: {err}"));
-                self.close_with(CloseCode::Protocol, &refusal, ctx);
-            }
+            Inbound::Fatal(code, refusal) => self.close_with(code, &refusal, ctx),
         }
     }
 

@@ -1,10 +1,13 @@
 //! The checks every text frame passes before it is parsed, shared by the user and worker
 //! sockets: its size, and the connection's rate.
 //!
+//! [`classify`] sorts what the socket delivers into what a JSON protocol does with it.
+//!
 //! A frame over either limit is refused with an error and the socket lives on; a client that
 //! keeps at it is closed (1009 for size, 1008 for rate), as PROTOCOL.md promises.
 
-use actix_ws::CloseCode;
+use actix_ws::{AggregatedMessage, CloseCode, ProtocolError};
+use bytestring::ByteString;
 
 use super::rate::TokenBucket;
 use crate::protocol::frames::reference_of;
@@ -75,5 +78,40 @@ impl FrameGuard {
         }
         self.rate_strikes = 0;
         Verdict::Admit
+    }
+}
+
+/// What a JSON socket does with one WebSocket message.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A text frame: check it, parse it, serve it.
+    Text(ByteString),
+    /// Answer with this error and go on.
+    Refuse(Refusal),
+    /// Control frames the codec already answered.
+    Ignore,
+    /// The client closed the socket.
+    Closed,
+    /// Send this error and close with the code.
+    Fatal(CloseCode, Refusal),
+}
+
+pub fn classify(item: Result<AggregatedMessage, ProtocolError>) -> Inbound {
+    match item {
+        Ok(AggregatedMessage::Text(text)) => Inbound::Text(text),
+        Ok(AggregatedMessage::Binary(_)) => {
+            Inbound::Refuse(Refusal::bad_request("this protocol is JSON text frames"))
+        }
+        Ok(AggregatedMessage::Ping(_) | AggregatedMessage::Pong(_)) => Inbound::Ignore,
+        Ok(AggregatedMessage::Close(_)) => Inbound::Closed,
+        // The codec cannot skip a frame it refused to buffer, so this one ends the socket.
+        Err(ProtocolError::Overflow) => Inbound::Fatal(
+            CloseCode::Size,
+            Refusal::new(ErrorCode::TooLarge, "frame exceeds the hard size limit"),
+        ),
+        Err(err) => Inbound::Fatal(
+            CloseCode::Protocol,
+            Refusal::bad_request(format!("websocket protocol error: {err}")),
+        ),
     }
 }

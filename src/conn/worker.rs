@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_ws::{AggregatedMessage, CloseCode, ProtocolError};
 
-use super::guard::{FrameGuard, Verdict};
+use super::guard::{FrameGuard, Inbound, Verdict, classify};
 use super::outbound::{Outbound, Pushed};
 use crate::auth::Principal;
 use crate::node::Node;
@@ -322,26 +322,15 @@ impl Handler<ToWorker> for WorkerConn {
 
 impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for WorkerConn {
     fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
-        match item {
-            Ok(AggregatedMessage::Text(text)) => self.on_text(&text, ctx),
-            Ok(AggregatedMessage::Binary(_)) => {
-                let refusal = Refusal::bad_request("the worker protocol is JSON text frames");
-                self.refuse(None, &refusal, ctx);
-            }
-            Ok(AggregatedMessage::Ping(_) | AggregatedMessage::Pong(_)) => {}
-            Ok(AggregatedMessage::Close(_)) => {
+        match classify(item) {
+            Inbound::Text(text) => self.on_text(&text, ctx),
+            Inbound::Refuse(refusal) => self.refuse(None, &refusal, ctx),
+            Inbound::Ignore => {}
+            Inbound::Closed => {
                 self.outbound.close(CloseCode::Normal, "bye");
                 ctx.stop();
             }
-            Err(ProtocolError::Overflow) => {
-                let refusal =
-                    Refusal::new(ErrorCode::TooLarge, "frame exceeds the hard size limit");
-                self.close_with(CloseCode::Size, &refusal, ctx);
-            }
-            Err(err) => {
-                let refusal = Refusal::bad_request(format!("websocket protocol error: {err}"));
-                self.close_with(CloseCode::Protocol, &refusal, ctx);
-            }
+            Inbound::Fatal(code, refusal) => self.close_with(code, &refusal, ctx),
         }
     }
 

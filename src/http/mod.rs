@@ -121,13 +121,7 @@ async fn user_socket(
     body: web::Payload,
     node: web::Data<Arc<Node>>,
 ) -> actix_web::Result<HttpResponse> {
-    let (response, stream, outbound) = upgrade(&req, body, &node)?;
-    let node = node.get_ref().clone();
-    ClientConn::create(move |ctx| {
-        ctx.add_stream(stream);
-        ClientConn::new(node, outbound)
-    });
-    Ok(response)
+    json_socket(&req, body, &node, ClientConn::new)
 }
 
 fn is_websocket_upgrade(ctx: &actix_web::guard::GuardContext<'_>) -> bool {
@@ -144,11 +138,25 @@ async fn worker_socket(
     body: web::Payload,
     node: web::Data<Arc<Node>>,
 ) -> actix_web::Result<HttpResponse> {
-    let (response, stream, outbound) = upgrade(&req, body, &node)?;
-    let node = node.get_ref().clone();
-    WorkerConn::create(move |ctx| {
+    json_socket(&req, body, &node, WorkerConn::new)
+}
+
+/// Upgrades to a JSON-protocol socket served by the connection actor `make` builds.
+fn json_socket<A>(
+    req: &HttpRequest,
+    body: web::Payload,
+    node: &Arc<Node>,
+    make: fn(Arc<Node>, Outbound) -> A,
+) -> actix_web::Result<HttpResponse>
+where
+    A: Actor<Context = actix::Context<A>>
+        + actix::StreamHandler<Result<actix_ws::AggregatedMessage, actix_ws::ProtocolError>>,
+{
+    let (response, stream, outbound) = upgrade(req, body, node)?;
+    let node = node.clone();
+    A::create(move |ctx| {
         ctx.add_stream(stream);
-        WorkerConn::new(node, outbound)
+        make(node, outbound)
     });
     Ok(response)
 }
