@@ -664,3 +664,28 @@ async fn task_routes_check_roles_and_scopes() {
     .await;
     assert_eq!((status, task["state"].as_str()), (200, Some("submitted")));
 }
+
+#[tokio::test]
+async fn a_draining_worker_finishes_its_tasks_and_takes_no_more() {
+    let server = server(Backend::Sqlite);
+    let base = server.http_url();
+    let session = new_session(&base, "drain").await;
+    let mut worker = TestWorker::connect(server.addr, &["d"], 2).await;
+    let first = submit(&base, &session, json!({"kind": "d"})).await;
+    let assigned = worker.next_task().await;
+    assert_eq!(assigned["id"], first.as_str());
+    let ack = worker.request(json!({"type": "drain"})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let second = submit(&base, &session, json!({"kind": "d"})).await;
+    let frames = worker.drain(Duration::from_millis(800)).await;
+    assert!(
+        frames.iter().all(|f| f["type"] != "assign"),
+        "a draining worker got new work: {frames:?}"
+    );
+    // What it holds still completes.
+    assert_eq!(worker.complete(&assigned, json!({})).await["type"], "ack");
+    assert_eq!(task(&base, &first).await["state"], "completed");
+    // Another worker takes what the draining one would not.
+    let mut fresh = TestWorker::connect(server.addr, &["d"], 1).await;
+    assert_eq!(fresh.next_task().await["id"], second.as_str());
+}
