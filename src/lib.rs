@@ -15,6 +15,7 @@ pub mod session;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;
+pub mod worker_client;
 
 pub use config::ServeConfig;
 pub use server::{RunningServer, start, start_with_store};

@@ -1,4 +1,5 @@
-//! The `conclave` binary: `serve` (the default) and `migrate`. Errors end here, as `anyhow`.
+//! The `conclave` binary: `serve` (the default), `migrate`, `token` and `worker`. Errors end
+//! here, as `anyhow`.
 
 use std::path::PathBuf;
 
@@ -56,6 +57,8 @@ enum Command {
         #[arg(long, env = "CONCLAVE_JWT_SECRET", hide_env_values = true)]
         jwt_secret: String,
     },
+    /// Run a program as a worker: each task's input on its stdin, its stdout the output.
+    Worker(conclave::worker_client::WorkerArgs),
 }
 
 fn parse_role(raw: &str) -> Result<Role, String> {
@@ -110,6 +113,7 @@ fn run() -> anyhow::Result<()> {
             println!("{}", auth.issue(&claims)?);
             Ok(())
         }
+        Some(Command::Worker(args)) => worker(args),
     }
 }
 
@@ -120,6 +124,16 @@ fn serve(config: ServeConfig) -> anyhow::Result<()> {
         server.shutdown().await;
         Ok(())
     })
+}
+
+/// The worker runs until SIGTERM or Ctrl-C, then drains. One thread is plenty: the work happens
+/// in the child processes.
+fn worker(args: conclave::worker_client::WorkerArgs) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(conclave::worker_client::run(args, shutdown_signal()))?;
+    Ok(())
 }
 
 fn migrate(location: StoreLocation) -> anyhow::Result<()> {

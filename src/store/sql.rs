@@ -412,7 +412,7 @@ macro_rules! sql_store {
                     let mut insert = QueryBuilder::new(
                         "INSERT INTO tasks (id, session_id, kind, input, priority, max_attempts, \
                          timeout_s, state, attempt, not_before_ms, submitted_by, created_at_ms, \
-                         updated_at_ms) ",
+                         updated_at_ms, target_worker) ",
                     );
                     insert.push_values(chunk, |mut row, task| {
                         let at = task.at.timestamp_millis();
@@ -428,7 +428,8 @@ macro_rules! sql_store {
                             .push_bind(at)
                             .push_bind(task.submitted_by.as_str())
                             .push_bind(at)
-                            .push_bind(at);
+                            .push_bind(at)
+                            .push_bind(task.target.as_ref().map(WorkerId::as_str));
                     });
                     insert.build().execute(&mut *tx).await?;
                 }
@@ -515,20 +516,26 @@ macro_rules! sql_store {
                      AS turn FROM tasks t LEFT JOIN task_sessions q ON q.session_id = t.session_id \
                      WHERE t.state = 'submitted' AND t.not_before_ms <= ",
                 );
-                select.push_bind(now).push(" AND t.kind IN (");
+                // A targeted task is for its worker alone, whatever its kind.
+                select.push_bind(now).push(" AND ((t.target_worker IS NULL AND t.kind IN (");
                 let mut kinds = select.separated(", ");
                 for kind in &claim.kinds {
                     kinds.push_bind(kind.as_str());
                 }
+                select.push(")) OR t.target_worker IN (");
+                let mut workers = select.separated(", ");
+                for worker in slots {
+                    workers.push_bind(worker.as_str());
+                }
                 select
                     .push(
-                        ")), picked AS (SELECT id, priority, turn, served, created_at_ms FROM ranked \
+                        "))), picked AS (SELECT id, priority, turn, served, created_at_ms FROM ranked \
                          ORDER BY priority DESC, turn, served, created_at_ms, id LIMIT ",
                     )
                     .push_bind(i64::try_from(slots.len()).unwrap_or(i64::MAX))
                     .push(
                         ") SELECT t.id, t.session_id, t.kind, t.input, t.attempt, t.max_attempts, \
-                         t.timeout_s FROM tasks t JOIN picked p ON p.id = t.id \
+                         t.timeout_s, t.target_worker FROM tasks t JOIN picked p ON p.id = t.id \
                          WHERE t.state = 'submitted' \
                          ORDER BY p.priority DESC, p.turn, p.served, p.created_at_ms, p.id",
                     )
@@ -536,7 +543,16 @@ macro_rules! sql_store {
                 let rows = select.build().fetch_all(&mut *tx).await?;
                 let mut claimed = Vec::with_capacity(rows.len());
                 let mut served: Vec<String> = Vec::new();
-                for (slot, row) in rows.iter().enumerate() {
+                let mut taken = vec![false; slots.len()];
+                for row in &rows {
+                    // A targeted task needs a slot of its worker; others take any free slot. A
+                    // task with no slot left stays queued (its row lock ends with the claim).
+                    let target: Option<String> = row.try_get("target_worker")?;
+                    let free = (0..slots.len()).find(|&i| {
+                        !taken[i] && target.as_deref().is_none_or(|t| slots[i].as_str() == t)
+                    });
+                    let Some(slot) = free else { continue };
+                    taken[slot] = true;
                     let id = stored_id(&row.try_get::<String, _>("id")?, TaskId::parse)?;
                     let lease = LeaseId::generate();
                     let timeout_s: i64 = row.try_get("timeout_s")?;

@@ -28,6 +28,8 @@ pub async fn submit(
             session,
             spec,
             actor: principal.user.actor(),
+            target: None,
+            watcher: None,
         })
         .await
         .map_err(scheduler_gone)?

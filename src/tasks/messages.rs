@@ -80,6 +80,45 @@ pub struct SubmitTask {
     pub session: SessionId,
     pub spec: TaskSpec,
     pub actor: Actor,
+    /// Only this worker may take it.
+    pub target: Option<WorkerId>,
+    /// Told when the task ends (completed, failed or canceled).
+    pub watcher: Option<Recipient<TaskFinished>>,
+}
+
+/// A watched task ended.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct TaskFinished {
+    pub task: TaskId,
+    pub state: super::model::TaskState,
+    pub output: Option<serde_json::Value>,
+    pub error: Option<String>,
+}
+
+/// Asks to be told when `task` ends; if it already has, the answer comes at once. A council
+/// that resumed after a restart watches its tasks again this way.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WatchTask {
+    pub task: TaskId,
+    pub watcher: Recipient<TaskFinished>,
+}
+
+/// Up to `count` connected, non-draining workers with `capability`, least loaded first (ties
+/// broken at random): a council's members.
+#[derive(Message)]
+#[rtype(result = "Vec<WorkerId>")]
+pub struct PickWorkers {
+    pub capability: TaskKind,
+    pub count: usize,
+}
+
+/// Whether these workers are connected to this node now.
+#[derive(Message)]
+#[rtype(result = "Vec<WorkerId>")]
+pub struct ConnectedWorkers {
+    pub among: Vec<WorkerId>,
 }
 
 /// Cancels a task: a queued one at once; a working one is taken from its worker, which is sent

@@ -7,8 +7,9 @@ mod model;
 mod scheduler;
 
 pub use messages::{
-    CancelTask, DrainWorker, ListWorkers, RegisterWorker, Report, SubmitTask, TaskReport, ToWorker,
-    WorkerGone, WorkerHeartbeat, WorkerView,
+    CancelTask, ConnectedWorkers, DrainWorker, ListWorkers, PickWorkers, RegisterWorker, Report,
+    SubmitTask, TaskFinished, TaskReport, ToWorker, WatchTask, WorkerGone, WorkerHeartbeat,
+    WorkerView,
 };
 pub use model::*;
 pub use scheduler::{SWEEP_EVERY, Scheduler, SchedulerConfig, raw_json};

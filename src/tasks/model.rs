@@ -177,6 +177,8 @@ pub struct NewTask {
     pub spec: TaskSpec,
     pub submitted_by: String,
     pub at: DateTime<Utc>,
+    /// Only this worker may take the task (a council member's work), whatever its kind.
+    pub target: Option<WorkerId>,
 }
 
 /// A task just claimed for a worker: what its `assign` frame carries.

@@ -26,8 +26,9 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use super::messages::{
-    CancelTask, DrainWorker, ListWorkers, RegisterWorker, Report, SubmitTask, TaskReport, ToWorker,
-    WorkerGone, WorkerHeartbeat, WorkerView,
+    CancelTask, ConnectedWorkers, DrainWorker, ListWorkers, PickWorkers, RegisterWorker, Report,
+    SubmitTask, TaskFinished, TaskReport, ToWorker, WatchTask, WorkerGone, WorkerHeartbeat,
+    WorkerView,
 };
 use super::model::{
     Claim, ClaimedTask, Expect, NewTask, Outcome, Renewal, Settled, Settlement, TaskRecord,
@@ -168,6 +169,8 @@ pub struct Scheduler {
     group_cursor: usize,
     /// Submissions waiting for their session to be opened, by session.
     opening: HashMap<SessionId, Vec<PendingSubmit>>,
+    /// Who to tell when a task ends.
+    watchers: HashMap<TaskId, Recipient<TaskFinished>>,
 }
 
 /// A submission and where its answer goes.
@@ -198,6 +201,7 @@ impl Scheduler {
             sweeping: false,
             group_cursor: 0,
             opening: HashMap::new(),
+            watchers: HashMap::new(),
         }
     }
 
@@ -451,6 +455,21 @@ impl Scheduler {
         };
         if let Some(kind) = kind {
             self.log(&settled.session, kind, actor, &data);
+        }
+        if state.is_terminal()
+            && let Some(watcher) = self.watchers.remove(&settlement.task)
+        {
+            let (output, error) = match &settlement.outcome {
+                Outcome::Completed { output } => (serde_json::from_str(output.get()).ok(), None),
+                Outcome::Failed { error } => (None, Some(error.clone())),
+                _ => (None, None),
+            };
+            watcher.do_send(TaskFinished {
+                task: settlement.task.clone(),
+                state,
+                output,
+                error,
+            });
         }
         match cause {
             SettleCause::Report {
@@ -995,7 +1014,11 @@ impl Handler<SubmitTask> for Scheduler {
             spec: msg.spec,
             submitted_by: msg.actor.id.clone(),
             at: Utc::now(),
+            target: msg.target,
         };
+        if let Some(watcher) = msg.watcher {
+            self.watchers.insert(task.id.clone(), watcher);
+        }
         if self.registry.live(&task.session).is_some() {
             // A live session is not archived: no need to ask the store.
             self.enqueue_insert(task, msg.actor, reply, ctx);
@@ -1032,6 +1055,71 @@ impl Handler<CancelTask> for Scheduler {
                 .await
                 .unwrap_or_else(|_| Err(Refusal::new(ErrorCode::Internal, "the scheduler stopped")))
         })
+    }
+}
+
+impl Handler<WatchTask> for Scheduler {
+    type Result = ();
+
+    fn handle(&mut self, msg: WatchTask, ctx: &mut Context<Self>) {
+        self.watchers.insert(msg.task.clone(), msg.watcher);
+        // It may have ended already (while its watcher was down): check the store.
+        let store = self.store.clone();
+        let task = msg.task;
+        async move { store.task(&task).await.map(|record| (task, record)) }
+            .into_actor(self)
+            .map(|found, act, _ctx| {
+                let Ok((task, Some(record))) = found else {
+                    return;
+                };
+                if record.state.is_terminal()
+                    && let Some(watcher) = act.watchers.remove(&task)
+                {
+                    watcher.do_send(TaskFinished {
+                        task,
+                        state: record.state,
+                        output: record
+                            .output
+                            .and_then(|o| serde_json::from_str(o.get()).ok()),
+                        error: record.error,
+                    });
+                }
+            })
+            .spawn(ctx);
+    }
+}
+
+impl Handler<PickWorkers> for Scheduler {
+    type Result = MessageResult<PickWorkers>;
+
+    fn handle(&mut self, msg: PickWorkers, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut capable: Vec<(u32, u64, WorkerId)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.draining && w.capabilities.contains(&msg.capability))
+            .map(|(id, w)| (w.load, rand::random::<u64>(), id.clone()))
+            .collect();
+        capable.sort();
+        MessageResult(
+            capable
+                .into_iter()
+                .take(msg.count)
+                .map(|(_, _, id)| id)
+                .collect(),
+        )
+    }
+}
+
+impl Handler<ConnectedWorkers> for Scheduler {
+    type Result = MessageResult<ConnectedWorkers>;
+
+    fn handle(&mut self, msg: ConnectedWorkers, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(
+            msg.among
+                .into_iter()
+                .filter(|id| self.workers.contains_key(id))
+                .collect(),
+        )
     }
 }
 
