@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod council;
 pub mod http;
 pub mod memory;
 pub mod node;

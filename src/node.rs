@@ -1,10 +1,11 @@
 //! What every handler and connection of one node shares: its id, store, session registry,
-//! authenticator, limits and scheduler. Built once at start-up and passed around behind an `Arc`.
+//! authenticator, limits, scheduler and open councils. Built once at start-up and passed around behind an `Arc`.
 
 use std::sync::Arc;
 
 use crate::auth::Authenticator;
 use crate::config::Limits;
+use crate::council::Councils;
 use crate::session::SessionRegistry;
 use crate::store::SharedStore;
 use crate::tasks::Scheduler;
@@ -16,4 +17,5 @@ pub struct Node {
     pub auth: Authenticator,
     pub limits: Limits,
     pub scheduler: actix::Addr<Scheduler>,
+    pub councils: Arc<Councils>,
 }

@@ -12,6 +12,7 @@ use actix::{Actor, Arbiter, ArbiterHandle};
 use actix_web::{App, HttpServer};
 
 use crate::config::{ConfigError, ServeConfig};
+use crate::council::Councils;
 use crate::node::Node;
 use crate::session::{Drain, SessionDeps, SessionRegistry};
 use crate::store::{self, SharedStore, StoreError};
@@ -81,8 +82,8 @@ pub async fn start_with_store(
         retry_max: Duration::from_millis(limits.task_retry_max_ms),
         max_output_bytes: limits.max_task_output_bytes,
     };
-    // The scheduler gets an arbiter of its own, so a burst of session work never delays an
-    // assignment (and the reverse).
+    // The scheduler and the councils get an arbiter of their own, so a burst of session work
+    // never delays an assignment (and the reverse).
     let scheduler_arbiter = Arbiter::new();
     let scheduler = {
         let (store, registry) = (store.clone(), registry.clone());
@@ -90,6 +91,16 @@ pub async fn start_with_store(
             Scheduler::new(store, registry, scheduler_config)
         })
     };
+    let councils = Councils::new(
+        scheduler_arbiter.handle(),
+        store.clone(),
+        scheduler.clone(),
+        registry.clone(),
+    );
+    let resumed = councils.resume_all().await?;
+    if resumed > 0 {
+        tracing::info!(resumed, "resumed open councils");
+    }
     let mut arbiters = arbiters;
     arbiters.push(scheduler_arbiter);
     let node = Arc::new(Node {
@@ -99,6 +110,7 @@ pub async fn start_with_store(
         auth,
         limits: config.limits.clone(),
         scheduler,
+        councils,
     });
 
     actix::spawn(crate::memory::trim_after_passivation(node.registry.clone()));

@@ -23,11 +23,16 @@ use crate::session::{
     ConnId, Deliver, Disconnect, Edit, FrameClass, Join, Leave, PostChat, Reply, SessionActor,
     SetPresence, Unanswered,
 };
-use crate::tasks::TaskRecord;
 use crate::telemetry;
 
 /// Requests a connection may have waiting for their sessions before it stops reading.
 const MAX_UNANSWERED: usize = 16;
+
+/// What an `ack` to a task or council request names.
+enum Answer {
+    Task(crate::protocol::TaskId),
+    Council(crate::protocol::CouncilId),
+}
 
 /// The actor behind one user socket.
 pub struct ClientConn {
@@ -174,15 +179,42 @@ impl ClientConn {
             Command::TaskSubmit { session, task } => {
                 let node = self.node.clone();
                 let submit = async move {
-                    crate::tasks::access::submit(&node, &principal, session, task).await
+                    crate::tasks::access::submit(&node, &principal, session, task)
+                        .await
+                        .map(|task| Answer::Task(task.id))
                 };
-                self.answer_task(submit, reference, ctx);
+                self.answer(submit, reference, ctx);
             }
             Command::TaskCancel { task } => {
                 let node = self.node.clone();
-                let cancel =
-                    async move { crate::tasks::access::cancel(&node, &principal, task).await };
-                self.answer_task(cancel, reference, ctx);
+                let cancel = async move {
+                    crate::tasks::access::cancel(&node, &principal, task)
+                        .await
+                        .map(|task| Answer::Task(task.id))
+                };
+                self.answer(cancel, reference, ctx);
+            }
+            Command::CouncilOpen { session, council } => {
+                let node = self.node.clone();
+                let open = async move {
+                    crate::council::access::open(&node, &principal, session, council)
+                        .await
+                        .map(Answer::Council)
+                };
+                self.answer(open, reference, ctx);
+            }
+            Command::CouncilBallot {
+                council,
+                phase,
+                ballot,
+            } => {
+                let node = self.node.clone();
+                let cast = async move {
+                    crate::council::access::ballot(&node, &principal, &council, phase, ballot)
+                        .await
+                        .map(|()| Answer::Council(council))
+                };
+                self.answer(cast, reference, ctx);
             }
             Command::Presence { session, state } => {
                 let Some(addr) = self.route(&session) else {
@@ -204,11 +236,11 @@ impl ClientConn {
         }
     }
 
-    /// Answers a task request with `ack` carrying the task id, or the refusal, once `request`
-    /// (a submit or cancel through the scheduler) resolves.
-    fn answer_task(
+    /// Answers a task or council request with `ack` carrying the id it concerns, or the
+    /// refusal, once `request` resolves.
+    fn answer(
         &mut self,
-        request: impl Future<Output = Result<TaskRecord, Refusal>> + 'static,
+        request: impl Future<Output = Result<Answer, Refusal>> + 'static,
         reference: Option<String>,
         ctx: &mut Context<Self>,
     ) {
@@ -218,13 +250,18 @@ impl ClientConn {
             .map(move |answer, act, ctx| {
                 drop(pending);
                 match answer {
-                    Ok(task) => {
+                    Ok(answer) => {
+                        let (task, council) = match &answer {
+                            Answer::Task(task) => (Some(task), None),
+                            Answer::Council(council) => (None, Some(council)),
+                        };
                         let frame = ServerFrame::Ack {
                             reference: reference.as_deref(),
                             offset: None,
                             doc: None,
                             version: None,
-                            task: Some(&task.id),
+                            task,
+                            council,
                         };
                         act.send_frame(frame.encode(), FrameClass::Ordered, ctx);
                     }

@@ -307,8 +307,19 @@ mod tests {
 
     #[test]
     fn majority_counts_normalized_answers() {
-        let f = finals(&[("m1", "Yes", None), ("m2", "  yes ", None), ("m3", "No", None)]);
-        let tally = decide(Strategy::Majority, &Ballots { finals: &f, labeled: &f, reviews: &[] });
+        let f = finals(&[
+            ("m1", "Yes", None),
+            ("m2", "  yes ", None),
+            ("m3", "No", None),
+        ]);
+        let tally = decide(
+            Strategy::Majority,
+            &Ballots {
+                finals: &f,
+                labeled: &f,
+                reviews: &[],
+            },
+        );
         assert_eq!(tally.answer.as_deref(), Some("Yes"));
         assert_eq!(tally.dissent, ["m3"]);
         assert_eq!(tally.tie_break, None);
@@ -316,11 +327,30 @@ mod tests {
 
     #[test]
     fn borda_sums_rank_points_per_proposal() {
-        let labeled = finals(&[("A", "alpha", None), ("B", "beta", None), ("C", "gamma", None)]);
-        let f = finals(&[("m1", "alpha", None), ("m2", "beta", None), ("m3", "gamma", None)]);
+        let labeled = finals(&[
+            ("A", "alpha", None),
+            ("B", "beta", None),
+            ("C", "gamma", None),
+        ]);
+        let f = finals(&[
+            ("m1", "alpha", None),
+            ("m2", "beta", None),
+            ("m3", "gamma", None),
+        ]);
         // m1 (A) ranks B, C; m2 (B) ranks C, A; m3 (C) ranks B, A.
-        let reviews = [review(&["B", "C"]), review(&["C", "A"]), review(&["B", "A"])];
-        let tally = decide(Strategy::Borda, &Ballots { finals: &f, labeled: &labeled, reviews: &reviews });
+        let reviews = [
+            review(&["B", "C"]),
+            review(&["C", "A"]),
+            review(&["B", "A"]),
+        ];
+        let tally = decide(
+            Strategy::Borda,
+            &Ballots {
+                finals: &f,
+                labeled: &labeled,
+                reviews: &reviews,
+            },
+        );
         assert_eq!(tally.scores["beta"], 4.0);
         assert_eq!(tally.scores["gamma"], 3.0);
         assert_eq!(tally.scores["alpha"], 2.0);
@@ -336,8 +366,19 @@ mod tests {
         assert_eq!(confidence_weight(Some(1.0)), 4.0);
         assert_eq!(confidence_weight(None), 1.0);
         // Two unsure members lose to one sure one.
-        let f = finals(&[("m1", "x", Some(0.1)), ("m2", "x", Some(0.2)), ("m3", "y", Some(0.9))]);
-        let tally = decide(Strategy::Confidence, &Ballots { finals: &f, labeled: &f, reviews: &[] });
+        let f = finals(&[
+            ("m1", "x", Some(0.1)),
+            ("m2", "x", Some(0.2)),
+            ("m3", "y", Some(0.9)),
+        ]);
+        let tally = decide(
+            Strategy::Confidence,
+            &Ballots {
+                finals: &f,
+                labeled: &f,
+                reviews: &[],
+            },
+        );
         assert_eq!(tally.answer.as_deref(), Some("y"));
         assert_eq!(tally.weights["m3"], 4.0);
     }
@@ -348,35 +389,95 @@ mod tests {
         let labeled = finals(&[("A", "x", None), ("B", "y", None)]);
         let f = finals(&[("m1", "x", None), ("m2", "y", None)]);
         let reviews = [review(&["B"]), review(&["B"])];
-        let t = decide(Strategy::Majority, &Ballots { finals: &f, labeled: &labeled, reviews: &reviews });
-        assert_eq!((t.answer.as_deref(), t.tie_break), (Some("y"), Some("borda")));
+        let t = decide(
+            Strategy::Majority,
+            &Ballots {
+                finals: &f,
+                labeled: &labeled,
+                reviews: &reviews,
+            },
+        );
+        assert_eq!(
+            (t.answer.as_deref(), t.tie_break),
+            (Some("y"), Some("borda"))
+        );
         // No reviews: broken by confidence.
         let f = finals(&[("m1", "x", Some(0.1)), ("m2", "y", Some(0.9))]);
-        let t = decide(Strategy::Majority, &Ballots { finals: &f, labeled: &f, reviews: &[] });
-        assert_eq!((t.answer.as_deref(), t.tie_break), (Some("y"), Some("confidence")));
+        let t = decide(
+            Strategy::Majority,
+            &Ballots {
+                finals: &f,
+                labeled: &f,
+                reviews: &[],
+            },
+        );
+        assert_eq!(
+            (t.answer.as_deref(), t.tie_break),
+            (Some("y"), Some("confidence"))
+        );
         // Confidence tie, broken by votes: two weight-1 members against one weight-2.
-        let f = finals(&[("m1", "x", Some(0.1)), ("m2", "x", Some(0.1)), ("m3", "y", Some(0.3))]);
-        let t = decide(Strategy::Confidence, &Ballots { finals: &f, labeled: &f, reviews: &[] });
-        assert_eq!((t.answer.as_deref(), t.tie_break), (Some("x"), Some("votes")));
+        let f = finals(&[
+            ("m1", "x", Some(0.1)),
+            ("m2", "x", Some(0.1)),
+            ("m3", "y", Some(0.3)),
+        ]);
+        let t = decide(
+            Strategy::Confidence,
+            &Ballots {
+                finals: &f,
+                labeled: &f,
+                reviews: &[],
+            },
+        );
+        assert_eq!(
+            (t.answer.as_deref(), t.tie_break),
+            (Some("x"), Some("votes"))
+        );
         // Nothing separates them: the smallest normalized answer, whatever the member order.
-        for order in [[("m1", "Zeta"), ("m2", "alpha")], [("m1", "alpha"), ("m2", "Zeta")]] {
+        for order in [
+            [("m1", "Zeta"), ("m2", "alpha")],
+            [("m1", "alpha"), ("m2", "Zeta")],
+        ] {
             let f = finals(&order.map(|(m, a)| (m, a, None)));
-            let t = decide(Strategy::Majority, &Ballots { finals: &f, labeled: &f, reviews: &[] });
-            assert_eq!((t.answer.as_deref(), t.tie_break), (Some("alpha"), Some("lexicographic")));
+            let t = decide(
+                Strategy::Majority,
+                &Ballots {
+                    finals: &f,
+                    labeled: &f,
+                    reviews: &[],
+                },
+            );
+            assert_eq!(
+                (t.answer.as_deref(), t.tie_break),
+                (Some("alpha"), Some("lexicographic"))
+            );
         }
     }
 
     #[test]
     fn invalid_ballots_are_refused_with_a_reason() {
         assert!(parse_proposal(&json!({"answer": "x", "confidence": 0.5})).is_ok());
-        for bad in [json!({}), json!({"answer": "  "}), json!({"answer": 5}),
-                    json!({"answer": "x", "confidence": 2}), json!("x")] {
+        for bad in [
+            json!({}),
+            json!({"answer": "  "}),
+            json!({"answer": 5}),
+            json!({"answer": "x", "confidence": 2}),
+            json!("x"),
+        ] {
             assert!(parse_proposal(&bad).is_err(), "{bad}");
         }
         let shown = vec!["A".to_owned(), "C".to_owned()];
         assert!(parse_review(&json!({"ranking": ["C", "A"]}), &shown, Some("B")).is_ok());
-        assert!(parse_review(&json!({"ranking": ["B"]}), &shown, Some("B")).unwrap_err().contains("own"));
-        assert!(parse_review(&json!({"ranking": ["Z"]}), &shown, Some("B")).unwrap_err().contains("unknown"));
+        assert!(
+            parse_review(&json!({"ranking": ["B"]}), &shown, Some("B"))
+                .unwrap_err()
+                .contains("own")
+        );
+        assert!(
+            parse_review(&json!({"ranking": ["Z"]}), &shown, Some("B"))
+                .unwrap_err()
+                .contains("unknown")
+        );
         assert!(parse_review(&json!({"ranking": ["A", "A"]}), &shown, None).is_err());
         assert!(parse_review(&json!({"ranking": []}), &shown, None).is_err());
     }
@@ -384,10 +485,23 @@ mod tests {
     #[test]
     fn chair_and_agreement() {
         let f = finals(&[("m1", "x", None), ("m2", "y", None)]);
-        let t = chair_decides("Y".into(), &Ballots { finals: &f, labeled: &f, reviews: &[] });
-        assert_eq!((t.answer.as_deref(), t.dissent.clone()), (Some("Y"), vec!["m1".to_owned()]));
+        let t = chair_decides(
+            "Y".into(),
+            &Ballots {
+                finals: &f,
+                labeled: &f,
+                reviews: &[],
+            },
+        );
+        assert_eq!(
+            (t.answer.as_deref(), t.dissent.clone()),
+            (Some("Y"), vec!["m1".to_owned()])
+        );
         assert!(!agree(&f));
-        assert!(agree(&finals(&[("m1", "Same ", None), ("m2", "same", None)])));
+        assert!(agree(&finals(&[
+            ("m1", "Same ", None),
+            ("m2", "same", None)
+        ])));
         assert!(!agree(&BTreeMap::new()));
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP surface: the socket upgrades, REST under `/v1`, health, metrics, the OpenAPI document
 //! with its reference page, and the bundled web page.
 
+mod councils;
 mod rest;
 mod tasks;
 mod web_page;
@@ -37,6 +38,8 @@ use crate::protocol::{DocName, Refusal, SessionId};
         tasks::get_task,
         tasks::cancel_task,
         tasks::list_workers,
+        councils::open_council,
+        councils::get_council,
         healthz,
         readyz,
     )
@@ -79,6 +82,8 @@ pub fn configure(node: Arc<Node>) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(tasks::get_task)
             .service(tasks::cancel_task)
             .service(tasks::list_workers)
+            .service(councils::open_council)
+            .service(councils::get_council)
             .service(healthz)
             .service(readyz)
             .service(metrics)

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::{ErrorCode, Refusal};
-use super::ids::{DocName, SessionId, TaskId};
+use super::ids::{CouncilId, DocName, SessionId, TaskId};
 use crate::session::log::{Actor, Event};
 use crate::session::ot::{Component, Operation};
 
@@ -69,6 +69,19 @@ pub enum Command {
     },
     #[serde(rename = "task.cancel")]
     TaskCancel { task: TaskId },
+    #[serde(rename = "council.open")]
+    CouncilOpen {
+        session: SessionId,
+        #[serde(flatten)]
+        council: crate::council::CouncilRequest,
+    },
+    #[serde(rename = "council.ballot")]
+    CouncilBallot {
+        council: CouncilId,
+        phase: crate::council::Phase,
+        /// Opaque until the council parses it as a proposal or a review.
+        ballot: serde_json::Value,
+    },
     #[serde(rename = "ping")]
     Ping,
 }
@@ -82,8 +95,12 @@ impl Command {
             | Self::Chat { session, .. }
             | Self::Edit { session, .. }
             | Self::Presence { session, .. }
-            | Self::TaskSubmit { session, .. } => Some(session),
-            Self::Hello { .. } | Self::Ping | Self::TaskCancel { .. } => None,
+            | Self::TaskSubmit { session, .. }
+            | Self::CouncilOpen { session, .. } => Some(session),
+            Self::Hello { .. }
+            | Self::Ping
+            | Self::TaskCancel { .. }
+            | Self::CouncilBallot { .. } => None,
         }
     }
 }
@@ -220,6 +237,9 @@ pub enum ServerFrame<'a> {
         /// The id of a task just submitted.
         #[serde(skip_serializing_if = "Option::is_none")]
         task: Option<&'a TaskId>,
+        /// The id of a council just opened.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        council: Option<&'a CouncilId>,
     },
     /// A committed change to a document; `ops` apply to version `version - 1`.
     #[serde(rename = "doc")]

@@ -103,6 +103,11 @@ name_type!(
     WorkerId
 );
 
+name_type!(
+    /// A council's id, made by the server when it opens.
+    CouncilId
+);
+
 /// Declares `new()` for ids the server makes: a UUIDv7, which always fits the name grammar.
 macro_rules! generated_id {
     ($($name:ident),*) => {$(
@@ -114,7 +119,7 @@ macro_rules! generated_id {
     )*};
 }
 
-generated_id!(TaskId, LeaseId, WorkerId);
+generated_id!(TaskId, LeaseId, WorkerId, CouncilId);
 
 #[cfg(test)]
 mod tests {

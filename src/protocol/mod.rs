@@ -11,4 +11,4 @@ pub mod yjs;
 
 pub use error::{ErrorCode, Refusal};
 pub use frames::{Command, Request, Role, ServerFrame, UserInfo, parse_request};
-pub use ids::{DocName, InvalidName, LeaseId, SessionId, TaskId, TaskKind, WorkerId};
+pub use ids::{CouncilId, DocName, InvalidName, LeaseId, SessionId, TaskId, TaskKind, WorkerId};

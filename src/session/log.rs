@@ -34,6 +34,12 @@ pub enum EventKind {
     TaskFailed,
     #[serde(rename = "task.canceled")]
     TaskCanceled,
+    #[serde(rename = "council.opened")]
+    CouncilOpened,
+    #[serde(rename = "council.phase")]
+    CouncilPhase,
+    #[serde(rename = "council.decided")]
+    CouncilDecided,
 }
 
 impl EventKind {
@@ -49,6 +55,9 @@ impl EventKind {
             Self::TaskCompleted => "task.completed",
             Self::TaskFailed => "task.failed",
             Self::TaskCanceled => "task.canceled",
+            Self::CouncilOpened => "council.opened",
+            Self::CouncilPhase => "council.phase",
+            Self::CouncilDecided => "council.decided",
         }
     }
 
@@ -64,6 +73,9 @@ impl EventKind {
             "task.completed" => Self::TaskCompleted,
             "task.failed" => Self::TaskFailed,
             "task.canceled" => Self::TaskCanceled,
+            "council.opened" => Self::CouncilOpened,
+            "council.phase" => Self::CouncilPhase,
+            "council.decided" => Self::CouncilDecided,
             _ => return None,
         })
     }

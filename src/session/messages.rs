@@ -163,6 +163,7 @@ impl Reply {
                     doc: committed.doc.as_ref().map(|(doc, _)| doc),
                     version: committed.doc.as_ref().map(|(_, version)| *version),
                     task: None,
+                    council: None,
                 }
                 .encode(),
             )),

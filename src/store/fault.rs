@@ -193,4 +193,17 @@ impl Store for FaultyStore {
     async fn task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
         self.inner.task(id).await
     }
+
+    async fn save_council(&self, council: &super::CouncilRow) -> Result<(), StoreError> {
+        self.switch.check_outage()?;
+        self.inner.save_council(council).await
+    }
+
+    async fn council(&self, id: &crate::protocol::CouncilId) -> Result<Option<String>, StoreError> {
+        self.inner.council(id).await
+    }
+
+    async fn open_councils(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.open_councils().await
+    }
 }

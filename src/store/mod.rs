@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::protocol::{DocName, SessionId, TaskId, WorkerId};
+use crate::protocol::{CouncilId, DocName, SessionId, TaskId, WorkerId};
 use crate::session::log::Event;
 use crate::tasks::{Claim, ClaimedTask, ExpiredLease, Settled, TaskRecord, TaskWrites};
 
@@ -135,6 +135,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// One task.
     async fn task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Writes a council's whole state (JSON), creating its row on the first save.
+    async fn save_council(&self, council: &CouncilRow) -> Result<(), StoreError>;
+
+    /// A council's state, as last saved.
+    async fn council(&self, id: &CouncilId) -> Result<Option<String>, StoreError>;
+
+    /// The state of every council still deliberating, to resume after a restart.
+    async fn open_councils(&self) -> Result<Vec<String>, StoreError>;
+}
+
+/// A council as its row stores it: the state is opaque JSON to the store.
+#[derive(Debug, Clone)]
+pub struct CouncilRow {
+    pub id: CouncilId,
+    pub session: SessionId,
+    /// `deliberating`, `decided`, `no_quorum` or `canceled`.
+    pub state: &'static str,
+    pub data: String,
+    pub created_at: DateTime<Utc>,
 }
 
 /// One yrs update of a document, as committed with its batch.

@@ -18,8 +18,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row};
 
-use super::{DocSnapshot, DocUpdate, SessionRecord, Store, StoreError, StoredDoc};
-use crate::protocol::{DocName, LeaseId, SessionId, TaskId, TaskKind, WorkerId};
+use super::{CouncilRow, DocSnapshot, DocUpdate, SessionRecord, Store, StoreError, StoredDoc};
+use crate::protocol::{CouncilId, DocName, LeaseId, SessionId, TaskId, TaskKind, WorkerId};
 use crate::session::log::{Actor, Event, EventKind};
 use crate::tasks::{
     Claim, ClaimedTask, Expect, ExpiredLease, Outcome, Settled, TaskRecord, TaskState, TaskWrites,
@@ -627,6 +627,39 @@ macro_rules! sql_store {
                         })
                     })
                     .collect()
+            }
+
+            async fn save_council(&self, council: &CouncilRow) -> Result<(), StoreError> {
+                let now = Utc::now().timestamp_millis();
+                sqlx::query(
+                    "INSERT INTO councils (id, session_id, state, data, created_at_ms, updated_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+                     state = excluded.state, data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+                )
+                .bind(council.id.as_str())
+                .bind(council.session.as_str())
+                .bind(council.state)
+                .bind(council.data.as_str())
+                .bind(council.created_at.timestamp_millis())
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn council(&self, id: &CouncilId) -> Result<Option<String>, StoreError> {
+                let row = sqlx::query("SELECT data FROM councils WHERE id = $1")
+                    .bind(id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|row| row.try_get("data")).transpose().map_err(Into::into)
+            }
+
+            async fn open_councils(&self) -> Result<Vec<String>, StoreError> {
+                let rows = sqlx::query("SELECT data FROM councils WHERE state = 'deliberating'")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(|row| row.try_get("data").map_err(Into::into)).collect()
             }
 
             async fn task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
