@@ -251,6 +251,20 @@ async fn borda_and_chair_reach_their_known_results() {
     assert_eq!(council["decision"]["answer"], "beta", "{council}");
     assert_eq!(council["decision"]["scores"]["beta"], 4.0);
 
+    // Confidence: all three state 0.5 (weight 3 each), a three-way tie that Borda points break
+    // for beta.
+    let id = open(
+        &base,
+        &session,
+        json!({"question": "Which?", "strategy": "confidence",
+        "members": {"capability": "council", "count": 3}, "phase_timeout_s": 10, "quorum": 2}),
+    )
+    .await;
+    let council = wait_concluded(&base, &id, Duration::from_secs(15)).await;
+    assert_eq!(council["decision"]["answer"], "beta", "{council}");
+    assert_eq!(council["decision"]["tie_break"], "borda", "{council}");
+    assert_eq!(council["decision"]["scores"]["alpha"], 3.0);
+
     let id = open(
         &base,
         &session,
