@@ -8,6 +8,7 @@ pub mod config;
 pub mod conn;
 pub mod council;
 pub mod http;
+pub mod load;
 pub mod memory;
 pub mod node;
 pub mod protocol;

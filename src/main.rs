@@ -1,5 +1,5 @@
-//! The `conclave` binary: `serve` (the default), `migrate`, `token` and `worker`. Errors end
-//! here, as `anyhow`.
+//! The `conclave` binary: `serve` (the default), `migrate`, `token`, `worker` and `load`.
+//! Errors end here, as `anyhow`.
 
 use std::path::PathBuf;
 
@@ -59,6 +59,8 @@ enum Command {
     },
     /// Run a program as a worker: each task's input on its stdin, its stdout the output.
     Worker(conclave::worker_client::WorkerArgs),
+    /// Generate load against a server on loopback: native, yjs, tasks or idle.
+    Load(conclave::load::LoadArgs),
 }
 
 fn parse_role(raw: &str) -> Result<Role, String> {
@@ -114,6 +116,7 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Worker(args)) => worker(args),
+        Some(Command::Load(args)) => Ok(conclave::load::run(args)?),
     }
 }
 

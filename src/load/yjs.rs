@@ -1,0 +1,624 @@
+//! The `yjs` scenario: S documents × C clients speaking the y-websocket protocol, each holding a
+//! `yrs` document, against any y-websocket server.
+//!
+//! Each client connects to `{url}/{room}` with room `<session>/<doc>`, exactly as y-websocket's
+//! `WebsocketProvider(url, room, doc)` does, so the same run works against Conclave
+//! (`ws://HOST/v1/yjs`) and a stock y-websocket server (`ws://HOST:1234`). Framing (varint
+//! message type 0 sync with step 1 / step 2 / update, 1 awareness) is `crate::protocol::yjs`,
+//! which is `yrs::sync`'s encoding.
+//!
+//! Each send appends a marker `<client:unix µs>` to the `Y.Text` named `content` and sends the
+//! update. Receivers observe the text: every inserted marker from another client is one
+//! delivery, timed from the stamp it carries (same process, same clock: `stats::now_us`).
+//! Markers are only ever appended, so concurrent inserts never split one. At the end every
+//! client of a document must hold every marker sent to it, and the same text.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::time::{Instant, Interval};
+use tokio_tungstenite::tungstenite::Message;
+use url::Url;
+use yrs::sync::{Message as YMessage, SyncMessage};
+use yrs::types::Delta;
+use yrs::updates::decoder::Decode as _;
+use yrs::{Any, Doc, GetString as _, Observable as _, OffsetKind, Options, Out, ReadTxn as _};
+use yrs::{Text as _, TextRef, Transact as _, Update};
+
+use super::conduct::{
+    Cue, Phase, Senders, connections, outcome, run_senders, stage, tick, ticker_for,
+};
+use super::progress::Live;
+use super::report::{Convergence, Report};
+use super::stats::{Errors, Latency, fnv1a, now_us};
+use super::target::Target;
+use super::ws::{self, Failure, Socket};
+use super::{CommonArgs, LoadError, measured_bound};
+use crate::protocol::yjs as frames;
+
+#[derive(Debug, Clone, Args)]
+pub struct YjsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Documents: rooms `<prefix>-<i>/<doc>`.
+    #[arg(long, default_value_t = 10)]
+    pub sessions: usize,
+    /// Clients per document.
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Updates per second per client.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// The document part of each room name.
+    #[arg(long, default_value = "load")]
+    pub doc: String,
+    /// How long to send [default: 10s, or until --count is reached].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Updates per client.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+impl YjsArgs {
+    fn validate(&self) -> Result<(), LoadError> {
+        let bad = |msg: &str| Err(LoadError::InvalidArgs(msg.to_owned()));
+        if self.sessions == 0 || self.clients == 0 {
+            return bad("--sessions and --clients must be at least 1");
+        }
+        if self.sessions.saturating_mul(self.clients) > 100_000 {
+            return bad("at most 100000 clients in all");
+        }
+        if !(self.rate > 0.0 && self.rate <= 10_000.0) {
+            return bad("--rate must be above 0 and at most 10000 per second");
+        }
+        if self.count == Some(0) {
+            return bad("--count must be at least 1");
+        }
+        if self.doc.is_empty() || self.doc.contains(['/', '?', '#']) {
+            return bad("--doc must be a plain name");
+        }
+        Ok(())
+    }
+}
+
+/// What the clients of one document share.
+struct DocShared {
+    room: String,
+    /// Markers sent by all its clients: the drain's target.
+    sent: AtomicU64,
+}
+
+struct Ctx {
+    target: Target,
+    timeout: Duration,
+    period: Duration,
+    count: Option<u64>,
+    live: Arc<Live>,
+    run_start_us: AtomicU64,
+}
+
+#[derive(Default)]
+struct ClientResult {
+    index: u32,
+    doc: usize,
+    connected: bool,
+    broadcast: Latency,
+    errors: Errors,
+    sent: u64,
+    /// Other clients' markers seen (any phase after the run began).
+    seen: u64,
+    /// … of which during the measured phase.
+    delivered: u64,
+    updates_received: u64,
+    dropped: Option<String>,
+    /// Hash and UTF-8 length of the final text.
+    text: Option<(u64, usize)>,
+}
+
+outcome!(ClientResult);
+
+/// Finds `<client:micros>` markers in inserted text.
+pub fn markers(text: &str) -> impl Iterator<Item = (u32, u64)> + '_ {
+    text.split('<').filter_map(|part| {
+        let (inner, _) = part.split_once('>')?;
+        let (client, t) = inner.split_once(':')?;
+        Some((client.parse().ok()?, t.parse().ok()?))
+    })
+}
+
+/// Markers `(client, micros)` the text observer found, waiting for the client task to take
+/// them. The observer runs inside yrs transactions, so it can only hand them over.
+type Inbox = Arc<Mutex<Vec<(u32, u64)>>>;
+
+/// A document whose `content` text reports every inserted marker into its inbox.
+fn observed_doc() -> (Doc, TextRef, Inbox) {
+    let doc = Doc::with_options(Options {
+        offset_kind: OffsetKind::Utf16,
+        ..Options::default()
+    });
+    let text = doc.get_or_insert_text("content");
+    let inbox = Arc::new(Mutex::new(Vec::new()));
+    let sink = inbox.clone();
+    text.observe("load", move |txn, event| {
+        let Ok(mut sink) = sink.lock() else {
+            return;
+        };
+        for delta in event.delta(txn) {
+            if let Delta::Inserted(Out::Any(Any::String(s)), _) = delta {
+                sink.extend(markers(s));
+            }
+        }
+    });
+    (doc, text, inbox)
+}
+
+struct Client {
+    index: u32,
+    ws: Socket,
+    doc: Doc,
+    text: TextRef,
+    inbox: Inbox,
+    shared: Arc<DocShared>,
+    ctx: Arc<Ctx>,
+    cue: Cue,
+    out: ClientResult,
+    synced: bool,
+}
+
+impl Client {
+    fn error(&mut self, failure: Failure) {
+        Live::bump(&self.ctx.live.errors);
+        self.out.errors.add_detail(&failure.code, || {
+            format!("client {}: {}", self.index, failure.detail)
+        });
+    }
+
+    /// Applies an update from the server, then accounts for the markers it brought.
+    fn apply(&mut self, data: &[u8]) {
+        let update = match Update::decode_v1(data) {
+            Ok(update) => update,
+            Err(err) => return self.error(Failure::new("bad_update", err.to_string())),
+        };
+        let applied = self.doc.transact_mut().apply_update(update);
+        if let Err(err) = applied {
+            return self.error(Failure::new("bad_update", err.to_string()));
+        }
+        self.take_markers();
+    }
+
+    fn take_markers(&mut self) {
+        let found = match self.inbox.lock() {
+            Ok(mut inbox) => std::mem::take(&mut *inbox),
+            Err(_) => return,
+        };
+        let now = now_us();
+        let since = self.ctx.run_start_us.load(Ordering::Relaxed);
+        let running = self.cue.phase() == Phase::Run;
+        for (client, t) in found {
+            if client == self.index || t < since {
+                continue;
+            }
+            self.out.broadcast.record_us(now.saturating_sub(t));
+            self.out.seen += 1;
+            if running {
+                self.out.delivered += 1;
+                Live::bump(&self.ctx.live.delivered);
+            }
+        }
+    }
+
+    /// Handles one binary frame; returns the frames to answer with.
+    fn on_frame(&mut self, frame: &[u8]) -> Vec<Bytes> {
+        let mut replies = Vec::new();
+        for message in frames::decode(frame) {
+            match message {
+                Ok(YMessage::Sync(SyncMessage::SyncStep1(sv))) => {
+                    let diff = self.doc.transact().encode_state_as_update_v1(&sv);
+                    replies.push(frames::sync_step2(diff));
+                }
+                Ok(YMessage::Sync(SyncMessage::SyncStep2(data))) => {
+                    self.apply(&data);
+                    self.synced = true;
+                }
+                Ok(YMessage::Sync(SyncMessage::Update(data))) => {
+                    self.out.updates_received += 1;
+                    self.apply(&data);
+                }
+                Ok(YMessage::Auth(Some(reason))) => {
+                    self.error(Failure::new("permission_denied", reason));
+                }
+                Ok(_) => {}
+                Err(err) => self.error(Failure::new("bad_frame", err.to_string())),
+            }
+        }
+        replies
+    }
+
+    async fn send(&mut self, frame: Bytes) -> Result<(), Failure> {
+        self.ws
+            .send(Message::Binary(frame))
+            .await
+            .map_err(|err| Failure::new("send", err.to_string()))
+    }
+
+    /// Reads until the server answered our sync step 1, or `deadline`.
+    async fn sync(&mut self, deadline: Instant) -> Result<(), Failure> {
+        let step1 = frames::sync_step1(self.doc.transact().state_vector());
+        self.send(step1).await?;
+        while !self.synced {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return Err(Failure::new("timeout", "no sync step 2 in time")),
+                Ok(Some(Ok(Message::Binary(frame)))) => {
+                    for reply in self.on_frame(&frame) {
+                        self.send(reply).await?;
+                    }
+                }
+                Ok(Some(Ok(Message::Close(close)))) => {
+                    return Err(Failure::new(
+                        "closed",
+                        format!("closed while syncing: {close:?}"),
+                    ));
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(err))) => return Err(Failure::new("closed", err.to_string())),
+                Ok(None) => return Err(Failure::new("closed", "the stream ended while syncing")),
+            }
+        }
+        Ok(())
+    }
+
+    fn count_done(&self) -> bool {
+        self.ctx.count.is_some_and(|count| self.out.sent >= count)
+    }
+
+    async fn send_marker(&mut self) -> Result<(), Failure> {
+        let marker = format!("<{}:{}>", self.index, now_us());
+        let update = {
+            let mut txn = self.doc.transact_mut();
+            let end = self.text.len(&txn);
+            self.text.insert(&mut txn, end, &marker);
+            txn.encode_update_v1()
+        };
+        // Our own marker went through the observer too; it is not a delivery.
+        self.take_markers();
+        self.out.sent += 1;
+        self.shared.sent.fetch_add(1, Ordering::Relaxed);
+        Live::bump(&self.ctx.live.sent);
+        self.send(frames::update(update)).await
+    }
+
+    fn drained(&self) -> bool {
+        self.out.sent + self.out.seen >= self.shared.sent.load(Ordering::Relaxed)
+    }
+
+    async fn drive(mut self) -> ClientResult {
+        let mut ticker: Option<Interval> = None;
+        loop {
+            let phase = self.cue.phase();
+            if phase == Phase::Run && ticker.is_none() {
+                ticker = Some(ticker_for(self.ctx.period));
+            }
+            // y-websocket has no acks: a client is quiet as soon as it stops sending.
+            if phase >= Phase::Stop || self.count_done() {
+                self.cue.reach(stage::QUIET);
+            }
+            if phase == Phase::Drain && self.drained() {
+                self.cue.reach(stage::DRAINED);
+            }
+            if phase == Phase::Close {
+                break;
+            }
+            let sending = phase == Phase::Run && !self.count_done();
+            tokio::select! {
+                _ = self.cue.changed() => {}
+                message = self.ws.next() => match message {
+                    Some(Ok(Message::Binary(frame))) => {
+                        for reply in self.on_frame(&frame) {
+                            if let Err(failure) = self.send(reply).await {
+                                self.out.dropped = Some(failure.detail);
+                                break;
+                            }
+                        }
+                    }
+                    Some(Ok(Message::Close(close))) => {
+                        self.out.dropped = Some(format!("closed by the server: {close:?}"));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => self.out.dropped = Some(err.to_string()),
+                    None => self.out.dropped = Some("the stream ended".into()),
+                },
+                _ = tick(&mut ticker), if sending => {
+                    if let Err(failure) = self.send_marker().await {
+                        self.out.dropped = Some(failure.detail);
+                    }
+                }
+            }
+            if self.out.dropped.is_some() {
+                break;
+            }
+        }
+        if let Some(why) = self.out.dropped.clone() {
+            self.error(Failure::new("closed", why));
+        }
+        ws::close(&mut self.ws).await;
+        let text = self.text.get_string(&self.doc.transact());
+        self.out.text = Some((fnv1a(&[text.as_bytes()]), text.len()));
+        self.out
+    }
+}
+
+async fn client_task(
+    ctx: Arc<Ctx>,
+    shared: Arc<DocShared>,
+    doc: usize,
+    index: u32,
+    delay: Duration,
+    mut cue: Cue,
+) -> ClientResult {
+    let mut out = ClientResult {
+        index,
+        doc,
+        ..ClientResult::default()
+    };
+    if !cue.ramp_sleep(delay).await {
+        return out;
+    }
+    let fail = |out: &mut ClientResult, failure: Failure| {
+        Live::bump(&ctx.live.failed);
+        out.errors.add_detail(&failure.code, || {
+            format!("client {index}: {}", failure.detail)
+        });
+        out.dropped = Some(failure.detail);
+    };
+    let url: Url = ctx.target.socket(&shared.room, true);
+    let ws = match ws::connect(&url, ctx.timeout).await {
+        Ok(ws) => ws,
+        Err(failure) => {
+            fail(&mut out, failure);
+            return out;
+        }
+    };
+    let (doc, text, inbox) = observed_doc();
+    let mut client = Client {
+        index,
+        ws,
+        doc,
+        text,
+        inbox,
+        shared,
+        ctx: ctx.clone(),
+        cue,
+        out,
+        synced: false,
+    };
+    if let Err(failure) = client.sync(Instant::now() + ctx.timeout).await {
+        ws::close(&mut client.ws).await;
+        let mut out = std::mem::take(&mut client.out);
+        fail(&mut out, failure);
+        return out;
+    }
+    client.out.connected = true;
+    Live::bump(&ctx.live.connected);
+    client.cue.reach(stage::READY);
+    client.drive().await
+}
+
+pub async fn run(args: YjsArgs) -> Result<Report, LoadError> {
+    args.validate()?;
+    let common = &args.common;
+    let raw_url = common
+        .url
+        .as_deref()
+        .unwrap_or("ws://127.0.0.1:8080/v1/yjs");
+    let target = Target::resolve(raw_url, common.token.clone(), common.allow_remote).await?;
+    let prefix = common.prefix();
+    let total = args.sessions * args.clients;
+    let live = Arc::new(Live::default());
+    let ctx = Arc::new(Ctx {
+        target: target.clone(),
+        timeout: common.timeout,
+        period: Duration::from_secs_f64(1.0 / args.rate),
+        count: args.count,
+        live: live.clone(),
+        run_start_us: AtomicU64::new(u64::MAX),
+    });
+    let shared: Vec<Arc<DocShared>> = (0..args.sessions)
+        .map(|s| {
+            Arc::new(DocShared {
+                room: format!("{prefix}-{s}/{}", args.doc),
+                sent: AtomicU64::new(0),
+            })
+        })
+        .collect();
+
+    let senders = Senders {
+        common,
+        live: &live,
+        total,
+        duration: args.duration,
+        count: args.count,
+        run_start_us: &ctx.run_start_us,
+    };
+    let (timeline, results) = run_senders(senders, |i, delay, cue| {
+        let s = i % args.sessions;
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        tokio::spawn(client_task(
+            ctx.clone(),
+            shared[s].clone(),
+            s,
+            index,
+            delay,
+            cue,
+        ))
+    })
+    .await?;
+
+    let rooms = format!(
+        "{}/{prefix}-<i>/{}",
+        target.url().as_str().trim_end_matches('/'),
+        args.doc
+    );
+    let mut report = Report::of_run("yjs", rooms, timeline);
+    report.param("documents", args.sessions);
+    report.param("clients", args.clients);
+    report.param("rate", args.rate);
+    report.param(
+        "ramp_up",
+        humantime::format_duration(common.ramp_up).to_string(),
+    );
+    match args.count {
+        Some(count) => report.param("count", count),
+        None => report.param(
+            "duration",
+            humantime::format_duration(measured_bound(args.duration, None)).to_string(),
+        ),
+    }
+
+    let mut broadcast = Latency::default();
+    let (mut sent, mut delivered, mut updates) = (0, 0, 0);
+    for r in &results {
+        broadcast.merge(&r.broadcast);
+        report.errors.merge(&r.errors);
+        sent += r.sent;
+        delivered += r.delivered;
+        updates += r.updates_received;
+    }
+    report.connections = connections(&results);
+    report.count("sent", sent, true);
+    report.count("delivered", delivered, true);
+    report.count("update_frames_received", updates, false);
+    report.latencies.push(("broadcast", broadcast.summary()));
+    report.convergence = Some(converge(&shared, &results));
+    Ok(report)
+}
+
+/// Every connected client of a document must have seen every marker sent to it and hold the
+/// same text.
+fn converge(shared: &[Arc<DocShared>], results: &[ClientResult]) -> Convergence {
+    let mut failures = Vec::new();
+    let mut clients = 0;
+    for (d, doc) in shared.iter().enumerate() {
+        let sent = doc.sent.load(Ordering::Relaxed);
+        let members: Vec<&ClientResult> = results
+            .iter()
+            .filter(|r| r.doc == d && r.connected)
+            .collect();
+        clients += members.len();
+        let mut first: Option<(u32, (u64, usize))> = None;
+        for m in members {
+            if let Some(why) = &m.dropped {
+                failures.push(format!(
+                    "{}: client {} was disconnected: {why}",
+                    doc.room, m.index
+                ));
+                continue;
+            }
+            if m.sent + m.seen < sent {
+                failures.push(format!(
+                    "{}: client {} holds {} of the {sent} updates sent",
+                    doc.room,
+                    m.index,
+                    m.sent + m.seen
+                ));
+            }
+            let Some(text) = m.text else { continue };
+            match first {
+                None => first = Some((m.index, text)),
+                Some((other, expected)) if expected != text => failures.push(format!(
+                    "{}: client {}'s text ({} bytes) differs from client {other}'s ({} bytes)",
+                    doc.room, m.index, text.1, expected.1
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    let passed = failures.is_empty();
+    let more = failures.len().saturating_sub(10);
+    failures.truncate(10);
+    if more > 0 {
+        failures.push(format!("… and {more} more"));
+    }
+    Convergence {
+        passed,
+        checked: format!(
+            "{} documents, {clients} clients: every update received, equal texts",
+            shared.len()
+        ),
+        failures,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::StateVector;
+
+    #[test]
+    fn markers_parse_from_merged_inserts() {
+        let found: Vec<_> = markers("<3:17><12:5>junk<x:1><4:>").collect();
+        assert_eq!(found, vec![(3, 17), (12, 5)]);
+    }
+
+    /// The frames are y-websocket's: varint message type 0 (sync), varint sync type
+    /// (0 step 1, 1 step 2, 2 update), then a varint-length-prefixed payload.
+    #[test]
+    fn framing_is_y_websocket() {
+        assert_eq!(
+            &frames::sync_step1(StateVector::default())[..],
+            &[0, 0, 1, 0]
+        );
+        assert_eq!(&frames::sync_step2(vec![9, 8])[..], &[0, 1, 2, 9, 8]);
+        assert_eq!(&frames::update(vec![7])[..], &[0, 2, 1, 7]);
+        // A payload of 200 bytes: its length is the two-byte varint 0xC8 0x01.
+        let long = frames::update(vec![1; 200]);
+        assert_eq!(&long[..4], &[0, 2, 0xC8, 0x01]);
+        assert_eq!(long.len(), 204);
+        // Awareness is message type 1, its payload length-prefixed: these are the bytes
+        // y-protocols writes for client 7 at clock 1 with state "{}".
+        let decoded = frames::decode(&[1, 6, 1, 7, 1, 2, b'{', b'}']);
+        match decoded.as_slice() {
+            [Ok(YMessage::Awareness(update))] => {
+                let entry = &update.clients[&yrs::block::ClientID::new(7)];
+                assert_eq!((update.clients.len(), &*entry.json), (1, "{}"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // An unknown sync message type is an error, not a panic.
+        assert!(frames::decode(&[0, 9, 1]).iter().any(Result::is_err));
+    }
+
+    /// Two clients exchange updates as over the wire: each sees the other's marker once, never
+    /// its own, and both end with the same text.
+    #[test]
+    fn observed_docs_report_remote_markers_and_converge() {
+        let (a, a_text, a_inbox) = observed_doc();
+        let (b, b_text, b_inbox) = observed_doc();
+        let update = |doc: &Doc, text: &TextRef, s: &str| {
+            let mut txn = doc.transact_mut();
+            let end = text.len(&txn);
+            text.insert(&mut txn, end, s);
+            txn.encode_update_v1()
+        };
+        let ua = update(&a, &a_text, "<0:100>");
+        let ub = update(&b, &b_text, "<1:200>");
+        a_inbox.lock().unwrap().clear();
+        b_inbox.lock().unwrap().clear();
+        b.transact_mut()
+            .apply_update(Update::decode_v1(&ua).unwrap())
+            .unwrap();
+        a.transact_mut()
+            .apply_update(Update::decode_v1(&ub).unwrap())
+            .unwrap();
+        assert_eq!(*a_inbox.lock().unwrap(), vec![(1, 200)]);
+        assert_eq!(*b_inbox.lock().unwrap(), vec![(0, 100)]);
+        assert_eq!(
+            a_text.get_string(&a.transact()),
+            b_text.get_string(&b.transact())
+        );
+    }
+}
