@@ -5,6 +5,7 @@
 //! `sqlx::Database`, whose executor bounds would bury the SQL. Queries are runtime queries, so
 //! a clean clone builds with no database up.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -433,8 +434,51 @@ macro_rules! sql_store {
                     });
                     insert.build().execute(&mut *tx).await?;
                 }
-                let mut settled = Vec::with_capacity(writes.settlements.len());
+                let mut settled: Vec<Option<Settled>> = vec![None; writes.settlements.len()];
+                // Completions of tasks named once in the batch (the bulk of a busy queue) go in
+                // one statement; everything else, one fenced statement each, in order.
+                let mut named: HashMap<&str, usize> = HashMap::new();
                 for settlement in &writes.settlements {
+                    *named.entry(settlement.task.as_str()).or_default() += 1;
+                }
+                let (bulk, single): (Vec<usize>, Vec<usize>) = (0..writes.settlements.len())
+                    .partition(|&i| {
+                        let s = &writes.settlements[i];
+                        matches!((&s.outcome, &s.expect), (Outcome::Completed { .. }, Expect::Lease(_)))
+                            && named.get(s.task.as_str()) == Some(&1)
+                    });
+                for chunk in bulk.chunks(500) {
+                    let mut update = QueryBuilder::new(
+                        "UPDATE tasks SET state = 'completed', output = v.column3, lease = NULL, \
+                         worker_id = NULL, lease_expires_ms = NULL, deadline_ms = NULL, updated_at_ms = ",
+                    );
+                    update.push_bind(now).push(" FROM (");
+                    update.push_values(chunk, |mut row, &i| {
+                        let s = &writes.settlements[i];
+                        let (Outcome::Completed { output }, Expect::Lease(lease)) = (&s.outcome, &s.expect) else {
+                            return;
+                        };
+                        row.push_bind(s.task.as_str()).push_bind(lease.as_str()).push_bind(output.get());
+                    });
+                    update.push(
+                        ") AS v WHERE tasks.id = v.column1 AND tasks.state = 'working' \
+                         AND tasks.lease = v.column2 RETURNING tasks.id, tasks.session_id, tasks.kind, tasks.attempt",
+                    );
+                    let rows = update.build().fetch_all(&mut *tx).await?;
+                    let mut done: HashMap<String, Settled> = HashMap::with_capacity(rows.len());
+                    for row in &rows {
+                        done.insert(row.try_get("id")?, Settled {
+                            session: stored_id(&row.try_get::<String, _>("session_id")?, SessionId::parse)?,
+                            kind: stored_id(&row.try_get::<String, _>("kind")?, TaskKind::parse)?,
+                            attempt: to_count(row.try_get::<i64, _>("attempt")?, "attempt")?,
+                        });
+                    }
+                    for &i in chunk {
+                        settled[i] = done.remove(writes.settlements[i].task.as_str());
+                    }
+                }
+                for i in single {
+                    let settlement = &writes.settlements[i];
                     let (output, error, not_before, attempt_back): (Option<&str>, Option<&str>, Option<i64>, i64) =
                         match &settlement.outcome {
                             Outcome::Completed { output } => (Some(output.get()), None, None, 0),
@@ -471,14 +515,14 @@ macro_rules! sql_store {
                     }
                     update.push(" RETURNING session_id, kind, attempt");
                     let row = update.build().fetch_optional(&mut *tx).await?;
-                    settled.push(match row {
+                    settled[i] = match row {
                         Some(row) => Some(Settled {
                             session: stored_id(&row.try_get::<String, _>("session_id")?, SessionId::parse)?,
                             kind: stored_id(&row.try_get::<String, _>("kind")?, TaskKind::parse)?,
                             attempt: to_count(row.try_get::<i64, _>("attempt")?, "attempt")?,
                         }),
                         None => None,
-                    });
+                    };
                 }
                 for renewal in &writes.renewals {
                     sqlx::query(
@@ -558,19 +602,6 @@ macro_rules! sql_store {
                     let timeout_s: i64 = row.try_get("timeout_s")?;
                     let deadline = now.saturating_add(timeout_s.saturating_mul(1000));
                     let attempt = to_count(row.try_get::<i64, _>("attempt")?, "attempt")? + 1;
-                    sqlx::query(
-                        "UPDATE tasks SET state = 'working', attempt = $2, lease = $3, worker_id = $4, \
-                         lease_expires_ms = $5, deadline_ms = $6, updated_at_ms = $7 WHERE id = $1",
-                    )
-                    .bind(id.as_str())
-                    .bind(i64::from(attempt))
-                    .bind(lease.as_str())
-                    .bind(slots[slot].as_str())
-                    .bind(now.saturating_add(claim.lease_ttl_ms))
-                    .bind(deadline)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
                     let session: String = row.try_get("session_id")?;
                     if !served.contains(&session) {
                         served.push(session.clone());
@@ -585,6 +616,27 @@ macro_rules! sql_store {
                         max_attempts: to_count(row.try_get::<i64, _>("max_attempts")?, "max_attempts")?,
                         deadline: millis_to_time(deadline)?,
                     }));
+                }
+                // Every claimed task is marked working, under its own lease, in one statement.
+                for chunk in claimed.chunks(500) {
+                    let mut update = QueryBuilder::new(
+                        "UPDATE tasks SET state = 'working', attempt = tasks.attempt + 1, \
+                         lease = v.column2, worker_id = v.column3, deadline_ms = ",
+                    );
+                    update
+                        .push_bind(now)
+                        .push(" + tasks.timeout_s * 1000, lease_expires_ms = ")
+                        .push_bind(now.saturating_add(claim.lease_ttl_ms))
+                        .push(", updated_at_ms = ")
+                        .push_bind(now)
+                        .push(" FROM (");
+                    update.push_values(chunk, |mut row, (slot, task)| {
+                        row.push_bind(task.id.as_str())
+                            .push_bind(task.lease.as_str())
+                            .push_bind(slots[*slot].as_str());
+                    });
+                    update.push(") AS v WHERE tasks.id = v.column1");
+                    update.build().execute(&mut *tx).await?;
                 }
                 for session in &served {
                     sqlx::query(
