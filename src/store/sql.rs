@@ -123,8 +123,62 @@ macro_rules! select_sessions {
     };
 }
 
+/// Inserts a batch of events on SQLite: multi-row VALUES, in chunks that stay under its bind
+/// limit.
+async fn insert_events_sqlite(
+    tx: &mut sqlx::SqliteConnection,
+    id: &SessionId,
+    events: &[Event],
+) -> Result<(), StoreError> {
+    for chunk in events.chunks(1000) {
+        let mut insert = QueryBuilder::new(
+            "INSERT INTO events (session_id, seq, kind, actor_id, actor_name, at_ms, data) ",
+        );
+        insert.push_values(chunk, |mut row, event| {
+            row.push_bind(id.as_str())
+                .push_bind(from_offset(event.offset))
+                .push_bind(event.kind.as_str())
+                .push_bind(event.actor.id.as_str())
+                .push_bind(event.actor.name.as_str())
+                .push_bind(event.at.timestamp_millis())
+                .push_bind(event.data.get());
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// Inserts a batch of events on PostgreSQL: one statement of column arrays, whatever the batch
+/// size, so its text (and plan) is the same every time instead of one per row count.
+async fn insert_events_pg(
+    tx: &mut sqlx::PgConnection,
+    id: &SessionId,
+    events: &[Event],
+) -> Result<(), StoreError> {
+    let seqs: Vec<i64> = events.iter().map(|e| from_offset(e.offset)).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let actor_ids: Vec<&str> = events.iter().map(|e| e.actor.id.as_str()).collect();
+    let actor_names: Vec<&str> = events.iter().map(|e| e.actor.name.as_str()).collect();
+    let ats: Vec<i64> = events.iter().map(|e| e.at.timestamp_millis()).collect();
+    let data: Vec<&str> = events.iter().map(|e| e.data.get()).collect();
+    sqlx::query(
+        "INSERT INTO events (session_id, seq, kind, actor_id, actor_name, at_ms, data) \
+         SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[])",
+    )
+    .bind(id.as_str())
+    .bind(&seqs)
+    .bind(&kinds)
+    .bind(&actor_ids)
+    .bind(&actor_names)
+    .bind(&ats)
+    .bind(&data)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 macro_rules! sql_store {
-    ($store:ty, $backend:literal, $migrator:expr, $row:ty, begin_write: $begin:literal, skip_locked: $lock:literal) => {
+    ($store:ty, $backend:literal, $migrator:expr, $row:ty, begin_write: $begin:literal, skip_locked: $lock:literal, insert_events: $insert_events:ident) => {
         impl $store {
             fn task_from_row(row: &$row) -> Result<TaskRecord, StoreError> {
                 let state: String = row.try_get("state")?;
@@ -277,22 +331,7 @@ macro_rules! sql_store {
                     return Ok(());
                 }
                 let mut tx = self.pool.begin().await?;
-                // A bounded number of rows per statement keeps every backend under its bind limit.
-                for chunk in events.chunks(1000) {
-                    let mut insert = QueryBuilder::new(
-                        "INSERT INTO events (session_id, seq, kind, actor_id, actor_name, at_ms, data) ",
-                    );
-                    insert.push_values(chunk, |mut row, event| {
-                        row.push_bind(id.as_str())
-                            .push_bind(from_offset(event.offset))
-                            .push_bind(event.kind.as_str())
-                            .push_bind(event.actor.id.as_str())
-                            .push_bind(event.actor.name.as_str())
-                            .push_bind(event.at.timestamp_millis())
-                            .push_bind(event.data.get());
-                    });
-                    insert.build().execute(&mut *tx).await?;
-                }
+                $insert_events(&mut tx, id, events).await?;
                 for chunk in updates.chunks(1000) {
                     let mut insert =
                         QueryBuilder::new("INSERT INTO doc_updates (session_id, doc, seq, version, data) ");
@@ -734,7 +773,8 @@ sql_store!(
     sqlx::migrate!("./migrations/sqlite"),
     sqlx::sqlite::SqliteRow,
     begin_write: "BEGIN IMMEDIATE",
-    skip_locked: ""
+    skip_locked: "",
+    insert_events: insert_events_sqlite
 );
 sql_store!(
     PgStore,
@@ -742,5 +782,6 @@ sql_store!(
     sqlx::migrate!("./migrations/postgres"),
     sqlx::postgres::PgRow,
     begin_write: "BEGIN",
-    skip_locked: " FOR UPDATE OF t SKIP LOCKED"
+    skip_locked: " FOR UPDATE OF t SKIP LOCKED",
+    insert_events: insert_events_pg
 );
