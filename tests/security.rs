@@ -61,6 +61,32 @@ async fn a_token_that_expires_mid_connection_ends_it_with_4401() {
 }
 
 #[tokio::test]
+async fn a_worker_token_that_expires_mid_connection_ends_it_with_4401() {
+    let server = TestServer::sqlite_with(tokens_only);
+    let mut worker = WsClient::connect(&format!("ws://{}/v1/workers", server.addr)).await;
+    // Expired 27 s ago: still inside the 30 s leeway at hello, out of it ~3 s later.
+    worker
+        .send(
+            json!({"type": "hello", "token": signed(Role::Agent, -27, None),
+            "capabilities": ["k"], "capacity": 1}),
+        )
+        .await;
+    let welcome = worker.recv().await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let (ending, frames) = worker.wait_end(Duration::from_secs(15)).await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| f["type"] == "error" && f["code"] == "unauthorized"),
+        "no unauthorized error before the close: {frames:?}"
+    );
+    assert!(
+        matches!(ending, Ending::Closed(Some(4401))),
+        "expected close 4401, got {ending:?}"
+    );
+}
+
+#[tokio::test]
 async fn bad_tokens_are_unauthorized_and_join_nothing() {
     let server = TestServer::sqlite_with(tokens_only);
     // alg "none" with an admin claim and no signature.
