@@ -17,7 +17,7 @@ use super::outbound::{Outbound, Pushed};
 use crate::auth::Principal;
 use crate::node::Node;
 use crate::protocol::worker::{MAX_CAPACITY, WorkerCommand, WorkerFrame, parse_worker_request};
-use crate::protocol::{ErrorCode, Refusal, Role, TaskKind, WorkerId};
+use crate::protocol::{ErrorCode, LeaseId, Refusal, Role, TaskId, TaskKind, WorkerId};
 use crate::session::FrameClass;
 use crate::tasks::{
     DrainWorker, RegisterWorker, Report, TaskReport, ToWorker, WorkerGone, WorkerHeartbeat,
@@ -150,7 +150,6 @@ impl WorkerConn {
                 }
             }
             (true, WorkerCommand::Progress { task, lease, data }) => self.report(
-                scheduler,
                 reference,
                 task,
                 lease,
@@ -164,7 +163,6 @@ impl WorkerConn {
                     output,
                 },
             ) => self.report(
-                scheduler,
                 reference,
                 task,
                 lease,
@@ -179,7 +177,6 @@ impl WorkerConn {
                     retryable,
                 },
             ) => self.report(
-                scheduler,
                 reference,
                 task,
                 lease,
@@ -188,15 +185,8 @@ impl WorkerConn {
         }
     }
 
-    fn report(
-        &self,
-        scheduler: Addr<crate::tasks::Scheduler>,
-        reference: Option<String>,
-        task: crate::protocol::TaskId,
-        lease: crate::protocol::LeaseId,
-        report: TaskReport,
-    ) {
-        scheduler.do_send(Report {
+    fn report(&self, reference: Option<String>, task: TaskId, lease: LeaseId, report: TaskReport) {
+        self.node.scheduler.do_send(Report {
             worker: self.id.clone(),
             reference,
             task,

@@ -168,3 +168,24 @@ pub struct TaskEventData<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_before: Option<String>,
 }
+
+impl<'a> TaskEventData<'a> {
+    /// The data every `task.*` event carries; the transition adds its own fields.
+    pub fn new(
+        task: &'a crate::protocol::TaskId,
+        kind: &'a crate::protocol::TaskKind,
+        attempt: u32,
+        worker: Option<&'a crate::protocol::WorkerId>,
+    ) -> Self {
+        Self {
+            task,
+            kind,
+            attempt,
+            worker,
+            progress: None,
+            output: None,
+            error: None,
+            not_before: None,
+        }
+    }
+}

@@ -114,13 +114,6 @@ pub struct PickWorkers {
     pub count: usize,
 }
 
-/// Whether these workers are connected to this node now.
-#[derive(Message)]
-#[rtype(result = "Vec<WorkerId>")]
-pub struct ConnectedWorkers {
-    pub among: Vec<WorkerId>,
-}
-
 /// Cancels a task: a queued one at once; a working one is taken from its worker, which is sent
 /// `cancel`. The caller has checked the principal may touch the task's session.
 #[derive(Message)]

@@ -7,9 +7,8 @@ mod model;
 mod scheduler;
 
 pub use messages::{
-    CancelTask, ConnectedWorkers, DrainWorker, ListWorkers, PickWorkers, RegisterWorker, Report,
-    SubmitTask, TaskFinished, TaskReport, ToWorker, WatchTask, WorkerGone, WorkerHeartbeat,
-    WorkerView,
+    CancelTask, DrainWorker, ListWorkers, PickWorkers, RegisterWorker, Report, SubmitTask,
+    TaskFinished, TaskReport, ToWorker, WatchTask, WorkerGone, WorkerHeartbeat, WorkerView,
 };
 pub use model::*;
 pub use scheduler::{SWEEP_EVERY, Scheduler, SchedulerConfig, raw_json};

@@ -26,9 +26,8 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use super::messages::{
-    CancelTask, ConnectedWorkers, DrainWorker, ListWorkers, PickWorkers, RegisterWorker, Report,
-    SubmitTask, TaskFinished, TaskReport, ToWorker, WatchTask, WorkerGone, WorkerHeartbeat,
-    WorkerView,
+    CancelTask, DrainWorker, ListWorkers, PickWorkers, RegisterWorker, Report, SubmitTask,
+    TaskFinished, TaskReport, ToWorker, WatchTask, WorkerGone, WorkerHeartbeat, WorkerView,
 };
 use super::model::{
     Claim, ClaimedTask, Expect, NewTask, Outcome, Renewal, Settled, Settlement, TaskRecord,
@@ -304,16 +303,7 @@ impl Scheduler {
                         &task.session,
                         EventKind::TaskSubmitted,
                         actor,
-                        &TaskEventData {
-                            task: &task.id,
-                            kind: &task.spec.kind,
-                            attempt: 0,
-                            worker: None,
-                            progress: None,
-                            output: None,
-                            error: None,
-                            not_before: None,
-                        },
+                        &TaskEventData::new(&task.id, &task.spec.kind, 0, None),
                     );
                     let _ = reply.send(Ok(submitted_record(task)));
                 }
@@ -362,8 +352,20 @@ impl Scheduler {
         ctx: &mut Context<Self>,
     ) {
         // The store is the judge of the fence; whatever it said, this node's memory of the
-        // holding is now out of date if the lease matched it.
-        let holding = self.held.remove(&settlement.task);
+        // holding the settlement named is now out of date. A holding under a newer lease (the
+        // task was retried and assigned again meanwhile) is not this settlement's to touch.
+        let names_holding =
+            self.held
+                .get(&settlement.task)
+                .is_some_and(|h| match &settlement.expect {
+                    Expect::Lease(lease) => &h.lease == lease,
+                    Expect::Open => true,
+                });
+        let holding = if names_holding {
+            self.held.remove(&settlement.task)
+        } else {
+            None
+        };
         if let Some(holding) = &holding
             && let Some(worker) = self.workers.get_mut(&holding.worker)
         {
@@ -424,16 +426,12 @@ impl Scheduler {
             SettleCause::Cancel { actor, .. } => actor.clone(),
             SettleCause::Lapsed { .. } | SettleCause::Released => self.scheduler_actor(),
         };
-        let mut data = TaskEventData {
-            task: &settlement.task,
-            kind: &settled.kind,
-            attempt: settled.attempt,
-            worker: worker.as_ref(),
-            progress: None,
-            output: None,
-            error: None,
-            not_before: None,
-        };
+        let mut data = TaskEventData::new(
+            &settlement.task,
+            &settled.kind,
+            settled.attempt,
+            worker.as_ref(),
+        );
         let kind = match &settlement.outcome {
             Outcome::Completed { output } => {
                 data.output = Some(output);
@@ -721,16 +719,7 @@ impl Scheduler {
             &task.session,
             EventKind::TaskWorking,
             self.worker_actor(&worker_id),
-            &TaskEventData {
-                task: &task.id,
-                kind: &task.kind,
-                attempt: task.attempt,
-                worker: Some(&worker_id),
-                progress: None,
-                output: None,
-                error: None,
-                not_before: None,
-            },
+            &TaskEventData::new(&task.id, &task.kind, task.attempt, Some(&worker_id)),
         );
         self.held.insert(
             task.id,
@@ -955,14 +944,8 @@ impl Handler<Report> for Scheduler {
                     EventKind::TaskProgress,
                     self.worker_actor(&msg.worker),
                     &TaskEventData {
-                        task: &msg.task,
-                        kind: &kind,
-                        attempt,
-                        worker: Some(&msg.worker),
                         progress: Some(&data),
-                        output: None,
-                        error: None,
-                        not_before: None,
+                        ..TaskEventData::new(&msg.task, &kind, attempt, Some(&msg.worker))
                     },
                 );
                 if let Some(worker) = self.workers.get(&msg.worker)
@@ -1105,19 +1088,6 @@ impl Handler<PickWorkers> for Scheduler {
                 .into_iter()
                 .take(msg.count)
                 .map(|(_, _, id)| id)
-                .collect(),
-        )
-    }
-}
-
-impl Handler<ConnectedWorkers> for Scheduler {
-    type Result = MessageResult<ConnectedWorkers>;
-
-    fn handle(&mut self, msg: ConnectedWorkers, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(
-            msg.among
-                .into_iter()
-                .filter(|id| self.workers.contains_key(id))
                 .collect(),
         )
     }
