@@ -301,7 +301,6 @@ impl CouncilActor {
         if self.council.waiting.remove(member).is_none() {
             return;
         }
-        let phase = self.council.phase;
         let (raw, parsed) = match answer {
             Ok(raw) => {
                 let parsed = self.accept(member, &raw);
@@ -309,18 +308,23 @@ impl CouncilActor {
             }
             Err(error) => (Value::Null, Err(error)),
         };
+        self.audit(member, raw, parsed, false);
+        self.persist(ctx);
+        self.maybe_end_phase(ctx);
+    }
+
+    /// Adds one ballot of the current phase to the audit trail.
+    fn audit(&mut self, member: &str, raw: Value, parsed: Result<(), String>, abstained: bool) {
         self.council.ballots.push(BallotRecord {
             member: member.to_owned(),
-            phase,
+            phase: self.council.phase,
             round: self.council.round,
             raw,
             valid: parsed.is_ok(),
             error: parsed.err(),
-            abstained: false,
+            abstained,
             at: Utc::now(),
         });
-        self.persist(ctx);
-        self.maybe_end_phase(ctx);
     }
 
     /// Parses a ballot for the current phase and keeps it if valid.
@@ -364,16 +368,8 @@ impl CouncilActor {
                     actor: self.actor(),
                 });
             }
-            self.council.ballots.push(BallotRecord {
-                member,
-                phase: self.council.phase,
-                round: self.council.round,
-                raw: Value::Null,
-                valid: false,
-                error: Some("no answer within phase_timeout_s".into()),
-                abstained: true,
-                at: Utc::now(),
-            });
+            let silent = Err("no answer within phase_timeout_s".to_owned());
+            self.audit(&member, Value::Null, silent, true);
         }
         self.phase_serial += 1;
         let c = &self.council;
@@ -626,23 +622,16 @@ impl Handler<CastBallot> for CouncilActor {
                 ),
             ));
         }
-        // An invalid ballot is recorded in the audit; a person may then send a valid one.
-        if let Err(error) = self.accept(&member, &msg.ballot) {
-            self.council.ballots.push(BallotRecord {
-                member,
-                phase: current,
-                round: self.council.round,
-                raw: msg.ballot,
-                valid: false,
-                error: Some(error.clone()),
-                abstained: false,
-                at: Utc::now(),
-            });
-            self.persist(ctx);
+        let parsed = self.accept(&member, &msg.ballot);
+        let refused = parsed.as_ref().err().cloned();
+        self.audit(&member, msg.ballot, parsed, false);
+        self.persist(ctx);
+        if let Some(error) = refused {
+            // Audited; the person may still send a valid ballot before the phase ends.
             return Err(Refusal::bad_request(format!("invalid ballot: {error}")));
         }
-        // Valid: recorded the one way every answer is (which parses it again).
-        self.record_answer(&member, Ok(msg.ballot), ctx);
+        self.council.waiting.remove(&member);
+        self.maybe_end_phase(ctx);
         Ok(())
     }
 }
