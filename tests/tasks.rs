@@ -689,3 +689,48 @@ async fn a_draining_worker_finishes_its_tasks_and_takes_no_more() {
     let mut fresh = TestWorker::connect(server.addr, &["d"], 1).await;
     assert_eq!(fresh.next_task().await["id"], second.as_str());
 }
+
+#[tokio::test]
+async fn a_store_outage_refuses_task_writes_and_service_resumes() {
+    let server = server(Backend::Sqlite);
+    let base = server.http_url();
+    let session = new_session(&base, "outage").await;
+    let mut worker = TestWorker::connect(server.addr, &["o"], 1).await;
+    let held = submit(&base, &session, json!({"kind": "o"})).await;
+    let assigned = worker.next_task().await;
+
+    server.switch.set_outage(true);
+    let (status, body) = post_json(
+        &format!("{base}/v1/sessions/{session}/tasks"),
+        &json!({"kind": "o"}),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    common::assert_error_body(&body, "storage_unavailable");
+    let mut user = WsClient::connect_hello(&server.ws_url(), "user").await;
+    user.send(json!({"type": "task.submit", "ref": "s", "session": session, "kind": "o"}))
+        .await;
+    assert_eq!(
+        user.recv_until(|f| f["ref"] == "s").await["code"],
+        "storage_unavailable"
+    );
+    let (status, body) = post_json(
+        &format!("{base}/v1/sessions/{session}/councils"),
+        &json!({"question": "q", "members": {"user": "ada"}, "strategy": "majority"}),
+    )
+    .await;
+    assert_eq!(status, 503, "a council is not opened unsaved: {body}");
+    // A completion that cannot be stored is not acked, and the task stays the worker's.
+    let refused = worker.complete(&assigned, json!({"try": 1})).await;
+    assert_eq!(refused["code"], "storage_unavailable", "{refused}");
+    assert_eq!(task(&base, &held).await["state"], "working");
+
+    server.switch.set_outage(false);
+    assert_eq!(
+        worker.complete(&assigned, json!({"try": 2})).await["type"],
+        "ack"
+    );
+    assert_eq!(task(&base, &held).await["output"], json!({"try": 2}));
+    let next = submit(&base, &session, json!({"kind": "o"})).await;
+    assert_eq!(worker.next_task().await["id"], next.as_str());
+}
