@@ -122,7 +122,7 @@ pub async fn ballot(
     ballot: Value,
 ) -> Result<(), Refusal> {
     principal.check_write()?;
-    let Some(addr) = node.councils.live(id) else {
+    let Some((session, addr)) = node.councils.live(id) else {
         // Not live here: either over, or unknown.
         let council = load(node, principal, id).await?;
         return Err(Refusal::new(
@@ -130,8 +130,7 @@ pub async fn ballot(
             format!("council {id} is {}", council.state.as_str()),
         ));
     };
-    let council_session = load(node, principal, id).await?.session;
-    principal.check_session(&council_session)?;
+    principal.check_session(&session)?;
     addr.send(CastBallot {
         user: principal.user.id.clone(),
         phase,

@@ -8,13 +8,14 @@ use dashmap::DashMap;
 
 use super::actor::{CouncilActor, CouncilDeps};
 use super::model::Council;
-use crate::protocol::CouncilId;
+use crate::protocol::{CouncilId, SessionId};
 use crate::session::SessionRegistry;
 use crate::store::{SharedStore, StoreError};
 use crate::tasks::Scheduler;
 
 pub struct Councils {
-    live: DashMap<CouncilId, Addr<CouncilActor>>,
+    /// Each open council's actor, with its session for scope checks without a store read.
+    live: DashMap<CouncilId, (SessionId, Addr<CouncilActor>)>,
     arbiter: ArbiterHandle,
     store: SharedStore,
     scheduler: Addr<Scheduler>,
@@ -39,7 +40,7 @@ impl Councils {
 
     /// Starts the actor of a council whose state is already saved.
     pub fn start(self: &Arc<Self>, council: Council) {
-        let id = council.id.clone();
+        let (id, session) = (council.id.clone(), council.session.clone());
         let deps = CouncilDeps {
             store: self.store.clone(),
             scheduler: self.scheduler.clone(),
@@ -49,7 +50,7 @@ impl Councils {
         let addr = CouncilActor::start_in_arbiter(&self.arbiter, move |_| {
             CouncilActor::new(council, deps)
         });
-        self.live.insert(id, addr);
+        self.live.insert(id, (session, addr));
     }
 
     /// Resumes every council the store says is still deliberating.
@@ -68,7 +69,8 @@ impl Councils {
         Ok(resumed)
     }
 
-    pub fn live(&self, id: &CouncilId) -> Option<Addr<CouncilActor>> {
+    /// The actor of an open council, and the session it deliberates in.
+    pub fn live(&self, id: &CouncilId) -> Option<(SessionId, Addr<CouncilActor>)> {
         self.live.get(id).map(|entry| entry.clone())
     }
 
