@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::yjs::{yjs_connect, yjs_insert, yjs_until};
-use common::{Ending, TEST_SECRET, TestServer, WsClient, token};
+use common::{TEST_SECRET, TestServer, WsClient, token};
 use conclave::auth::{Authenticator, Claims, MAX_TOKEN_BYTES};
 use conclave::protocol::Role;
 use serde_json::json;
@@ -47,17 +47,9 @@ async fn a_token_that_expires_mid_connection_ends_it_with_4401() {
     let (mut client, welcome) = hello(&server, Some(&signed(Role::Editor, -25, None))).await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     client.join("exp", None, None).await;
-    let (ending, frames) = client.wait_end(Duration::from_secs(15)).await;
-    assert!(
-        frames
-            .iter()
-            .any(|f| f["type"] == "error" && f["code"] == "unauthorized"),
-        "no unauthorized error before the close: {frames:?}"
-    );
-    assert!(
-        matches!(ending, Ending::Closed(Some(4401))),
-        "expected close 4401, got {ending:?}"
-    );
+    client
+        .expect_closed_with(Duration::from_secs(15), "unauthorized", 4401)
+        .await;
 }
 
 #[tokio::test]
@@ -73,17 +65,9 @@ async fn a_worker_token_that_expires_mid_connection_ends_it_with_4401() {
         .await;
     let welcome = worker.recv().await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
-    let (ending, frames) = worker.wait_end(Duration::from_secs(15)).await;
-    assert!(
-        frames
-            .iter()
-            .any(|f| f["type"] == "error" && f["code"] == "unauthorized"),
-        "no unauthorized error before the close: {frames:?}"
-    );
-    assert!(
-        matches!(ending, Ending::Closed(Some(4401))),
-        "expected close 4401, got {ending:?}"
-    );
+    worker
+        .expect_closed_with(Duration::from_secs(15), "unauthorized", 4401)
+        .await;
 }
 
 #[tokio::test]

@@ -548,6 +548,22 @@ impl WsClient {
         }
     }
 
+    /// Waits for the server to end the socket and checks how: an `error` with `error_code`
+    /// first, then a close frame with `close`.
+    pub async fn expect_closed_with(&mut self, within: Duration, error_code: &str, close: u16) {
+        let (ending, frames) = self.wait_end(within).await;
+        assert!(
+            frames
+                .iter()
+                .any(|f| f["type"] == "error" && f["code"] == error_code),
+            "no {error_code} error before the close: {frames:?}"
+        );
+        assert!(
+            matches!(ending, Ending::Closed(Some(code)) if code == close),
+            "expected close {close}, got {ending:?}"
+        );
+    }
+
     /// Closes the socket politely.
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(FRAME_TIMEOUT, self.socket.close(None)).await;
