@@ -15,6 +15,7 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod supervisor;
 pub mod tasks;
 pub mod telemetry;
 pub mod worker_client;

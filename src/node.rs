@@ -8,7 +8,7 @@ use crate::config::Limits;
 use crate::council::Councils;
 use crate::session::SessionRegistry;
 use crate::store::SharedStore;
-use crate::tasks::Scheduler;
+use crate::tasks::SchedulerHandle;
 
 pub struct Node {
     pub id: String,
@@ -16,6 +16,6 @@ pub struct Node {
     pub registry: Arc<SessionRegistry>,
     pub auth: Authenticator,
     pub limits: Limits,
-    pub scheduler: actix::Addr<Scheduler>,
+    pub scheduler: Arc<SchedulerHandle>,
     pub councils: Arc<Councils>,
 }

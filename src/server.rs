@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Arbiter, ArbiterHandle};
+use actix::{Arbiter, ArbiterHandle};
 use actix_web::{App, HttpServer};
 
 use crate::config::{ConfigError, ServeConfig};
@@ -16,7 +16,7 @@ use crate::council::Councils;
 use crate::node::Node;
 use crate::session::{Drain, SessionDeps, SessionRegistry};
 use crate::store::{self, SharedStore, StoreError};
-use crate::tasks::{Scheduler, SchedulerConfig};
+use crate::tasks::{SchedulerConfig, SchedulerHandle};
 
 /// How long shutdown waits for sessions to flush their last batch.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,12 +85,12 @@ pub async fn start_with_store(
     // The scheduler and the councils get an arbiter of their own, so a burst of session work
     // never delays an assignment (and the reverse).
     let scheduler_arbiter = Arbiter::new();
-    let scheduler = {
-        let (store, registry) = (store.clone(), registry.clone());
-        Scheduler::start_in_arbiter(&scheduler_arbiter.handle(), move |_| {
-            Scheduler::new(store, registry, scheduler_config)
-        })
-    };
+    let scheduler = SchedulerHandle::start(
+        scheduler_arbiter.handle(),
+        store.clone(),
+        registry.clone(),
+        scheduler_config,
+    );
     let councils = Councils::new(
         scheduler_arbiter.handle(),
         store.clone(),
@@ -183,6 +183,8 @@ impl RunningServer {
         // arbiters (and any commit still in flight on them) go away.
         self.drain_sessions().await;
         self.node.registry.begin_shutdown();
+        self.node.scheduler.begin_shutdown();
+        self.node.councils.begin_shutdown();
         for arbiter in &self.arbiters {
             arbiter.stop();
         }

@@ -106,6 +106,6 @@ pub fn task_write_failed() {
 }
 
 /// Workers connected to this node, moved by `delta`.
-pub fn workers_connected(delta: i8) {
+pub fn workers_connected(delta: i32) {
     gauge!("conclave_workers_connected").increment(f64::from(delta));
 }

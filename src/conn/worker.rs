@@ -105,7 +105,7 @@ impl WorkerConn {
             Err(failure) => return self.refuse(failure.reference, &failure.refusal, ctx),
         };
         let reference = request.reference;
-        let scheduler = self.node.scheduler.clone();
+        let scheduler = self.node.scheduler.addr();
         match (self.principal.is_some(), request.command) {
             (
                 false,
@@ -186,7 +186,7 @@ impl WorkerConn {
     }
 
     fn report(&self, reference: Option<String>, task: TaskId, lease: LeaseId, report: TaskReport) {
-        self.node.scheduler.do_send(Report {
+        self.node.scheduler.addr().do_send(Report {
             worker: self.id.clone(),
             reference,
             task,
@@ -249,7 +249,7 @@ impl WorkerConn {
         };
         self.send(&welcome, ctx);
         self.last_heartbeat = Instant::now();
-        self.node.scheduler.do_send(RegisterWorker {
+        self.node.scheduler.addr().do_send(RegisterWorker {
             id: self.id.clone(),
             name: principal.user.name.clone(),
             user: principal.user.id.clone(),
@@ -295,7 +295,7 @@ impl Actor for WorkerConn {
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         telemetry::connection_closed("worker");
         if self.principal.is_some() {
-            self.node.scheduler.do_send(WorkerGone {
+            self.node.scheduler.addr().do_send(WorkerGone {
                 id: self.id.clone(),
             });
         }
@@ -307,6 +307,14 @@ impl Handler<ToWorker> for WorkerConn {
 
     fn handle(&mut self, msg: ToWorker, ctx: &mut Context<Self>) {
         self.push(msg.frame, ctx);
+        if msg.then_close {
+            // Its scheduler is gone for good, so there is nothing to report to: stop without
+            // a `WorkerGone`, and let the worker reconnect elsewhere.
+            self.principal = None;
+            self.outbound
+                .close(CloseCode::Error, "this node stopped scheduling");
+            ctx.stop();
+        }
     }
 }
 

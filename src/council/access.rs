@@ -34,6 +34,7 @@ pub async fn open(
         let found = match wanted {
             MemberSpec::Capability { capability, count } => node
                 .scheduler
+                .addr()
                 .send(PickWorkers {
                     capability: capability.clone(),
                     count: usize::try_from(*count).unwrap_or(0),
@@ -123,19 +124,35 @@ pub async fn ballot(
 ) -> Result<(), Refusal> {
     principal.check_write()?;
     let Some((session, addr)) = node.councils.live(id) else {
-        // Not live here: either over, or unknown.
-        let council = load(node, principal, id).await?;
-        return Err(Refusal::new(
-            ErrorCode::Conflict,
-            format!("council {id} is {}", council.state.as_str()),
-        ));
+        return Err(not_running(node, principal, id).await);
     };
     principal.check_session(&session)?;
-    addr.send(CastBallot {
-        user: principal.user.id.clone(),
-        phase,
-        ballot,
-    })
-    .await
-    .map_err(|_| Refusal::new(ErrorCode::Conflict, format!("council {id} just ended")))?
+    match addr
+        .send(CastBallot {
+            user: principal.user.id.clone(),
+            phase,
+            ballot,
+        })
+        .await
+    {
+        Ok(answer) => answer,
+        // It stopped between the lookup and the send: concluded, or crashed.
+        Err(_) => Err(not_running(node, principal, id).await),
+    }
+}
+
+/// Why a council has no actor to take a ballot: it is over, unknown, or restarting after a
+/// crash (still deliberating in the store).
+async fn not_running(node: &Node, principal: &Principal, id: &CouncilId) -> Refusal {
+    match load(node, principal, id).await {
+        Ok(council) if council.state == CouncilState::Deliberating => Refusal::new(
+            ErrorCode::Conflict,
+            format!("council {id} is restarting; send the ballot again shortly"),
+        ),
+        Ok(council) => Refusal::new(
+            ErrorCode::Conflict,
+            format!("council {id} is {}", council.state.as_str()),
+        ),
+        Err(refusal) => refusal,
+    }
 }

@@ -14,6 +14,7 @@ use chrono::Utc;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::model::{BallotRecord, Council, CouncilState, Decision, Phase};
 use super::registry::Councils;
@@ -23,14 +24,14 @@ use crate::session::log::{Actor as LogActor, EventKind, NewEvent};
 use crate::session::{AppendEvent, SessionRegistry};
 use crate::store::{CouncilRow, SharedStore};
 use crate::tasks::{
-    CancelTask, Scheduler, SubmitTask, TaskFinished, TaskRequest, TaskState, WatchTask,
+    CancelTask, SchedulerHandle, SubmitTask, TaskFinished, TaskRequest, TaskState, WatchTask,
 };
 
 /// What a council actor needs from its node.
 #[derive(Clone)]
 pub struct CouncilDeps {
     pub store: SharedStore,
-    pub scheduler: Addr<Scheduler>,
+    pub scheduler: Arc<SchedulerHandle>,
     pub sessions: Arc<SessionRegistry>,
     pub councils: Arc<Councils>,
 }
@@ -51,15 +52,19 @@ pub struct CouncilActor {
     /// Bumped per phase, so a stale deadline timer does nothing.
     phase_serial: u64,
     /// Saves go to one writer task, in order. It outlives the actor, so the final save of a
-    /// council that just concluded (and stopped) still lands.
+    /// council that just concluded (and stopped) still lands, and a restart after a crash
+    /// waits for it (`saver`) before loading the saved state.
     saves: mpsc::UnboundedSender<CouncilRow>,
+    saver: Option<JoinHandle<()>>,
+    /// Set when the council concludes: dropping it after that is not a crash.
+    concluded: bool,
 }
 
 impl CouncilActor {
     pub fn new(council: Council, deps: CouncilDeps) -> Self {
         let (saves, mut pending) = mpsc::unbounded_channel::<CouncilRow>();
         let store = deps.store.clone();
-        actix::spawn(async move {
+        let saver = actix::spawn(async move {
             while let Some(mut row) = pending.recv().await {
                 // Only the newest state matters: skip the ones it supersedes.
                 while let Ok(newer) = pending.try_recv() {
@@ -75,6 +80,8 @@ impl CouncilActor {
             deps,
             phase_serial: 0,
             saves,
+            saver: Some(saver),
+            concluded: false,
         }
     }
 
@@ -250,6 +257,7 @@ impl CouncilActor {
         let serial = self.phase_serial;
         self.deps
             .scheduler
+            .addr()
             .send(SubmitTask {
                 session: self.council.session.clone(),
                 spec,
@@ -363,7 +371,7 @@ impl CouncilActor {
         let silent = std::mem::take(&mut self.council.waiting);
         for (member, task) in silent {
             if let Some(task) = task {
-                self.deps.scheduler.do_send(CancelTask {
+                self.deps.scheduler.addr().do_send(CancelTask {
                     task,
                     actor: self.actor(),
                 });
@@ -512,6 +520,7 @@ impl CouncilActor {
                 "dissent": decision.dissent, "chair": c.chair}),
         );
         tracing::info!(council = %c.id, outcome = state.as_str(), "council concluded");
+        self.concluded = true;
         ctx.stop();
     }
 }
@@ -551,7 +560,7 @@ impl Actor for CouncilActor {
         tracing::info!(council = %self.council.id, phase = ?self.council.phase, "resuming council");
         let recipient = ctx.address().recipient::<TaskFinished>();
         for task in self.council.waiting.values().flatten() {
-            self.deps.scheduler.do_send(WatchTask {
+            self.deps.scheduler.addr().do_send(WatchTask {
                 task: task.clone(),
                 watcher: recipient.clone(),
             });
@@ -573,6 +582,37 @@ impl Actor for CouncilActor {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         self.deps.councils.retire(&self.council.id);
+    }
+}
+
+/// The supervision hook: a council dropped before it concluded crashed (a panic unwinds through
+/// here), or its arbiter is stopping; the registry decides which, and restarts it from its saved
+/// state.
+impl Drop for CouncilActor {
+    fn drop(&mut self) {
+        if self.concluded {
+            return;
+        }
+        if let Some(saver) = self.saver.take() {
+            self.deps
+                .councils
+                .restart_crashed(self.council.id.clone(), saver);
+        }
+    }
+}
+
+/// Makes a council panic, to test its supervision. Only in `fault-injection` builds.
+#[cfg(feature = "fault-injection")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InjectCouncilPanic;
+
+#[cfg(feature = "fault-injection")]
+impl Handler<InjectCouncilPanic> for CouncilActor {
+    type Result = ();
+
+    fn handle(&mut self, _: InjectCouncilPanic, _ctx: &mut Context<Self>) {
+        panic!("injected panic in council {}", self.council.id);
     }
 }
 
@@ -625,12 +665,15 @@ impl Handler<CastBallot> for CouncilActor {
         let parsed = self.accept(&member, &msg.ballot);
         let refused = parsed.as_ref().err().cloned();
         self.audit(&member, msg.ballot, parsed, false);
+        if refused.is_none() {
+            // Before the save: a council restarted from it must not wait for this member again.
+            self.council.waiting.remove(&member);
+        }
         self.persist(ctx);
         if let Some(error) = refused {
             // Audited; the person may still send a valid ballot before the phase ends.
             return Err(Refusal::bad_request(format!("invalid ballot: {error}")));
         }
-        self.council.waiting.remove(&member);
         self.maybe_end_phase(ctx);
         Ok(())
     }

@@ -7,6 +7,8 @@ pub mod model;
 mod registry;
 pub mod strategy;
 
+#[cfg(feature = "fault-injection")]
+pub use actor::InjectCouncilPanic;
 pub use actor::{CastBallot, CouncilActor, CouncilDeps};
 pub use model::{Council, CouncilRequest, CouncilView, Phase};
 pub use registry::Councils;

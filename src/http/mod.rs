@@ -94,6 +94,14 @@ pub fn configure(node: Arc<Node>) -> impl FnOnce(&mut web::ServiceConfig) {
         cfg.route(
             "/v1/faults/sessions/{id}/panic",
             web::post().to(inject_session_panic),
+        )
+        .route(
+            "/v1/faults/councils/{id}/panic",
+            web::post().to(inject_council_panic),
+        )
+        .route(
+            "/v1/faults/scheduler/panic",
+            web::post().to(inject_scheduler_panic),
         );
         cfg.service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", ApiDoc::openapi()))
             .service(web_page::asset);
@@ -216,6 +224,31 @@ async fn inject_session_panic(
     Ok(HttpResponse::Accepted().finish())
 }
 
+/// Makes an open council's actor panic. Only in `fault-injection` builds.
+#[cfg(feature = "fault-injection")]
+async fn inject_council_panic(
+    path: web::Path<String>,
+    node: web::Data<Arc<Node>>,
+) -> actix_web::Result<HttpResponse> {
+    let id = crate::protocol::CouncilId::parse(&path)
+        .map_err(|e| rest::ApiError(Refusal::bad_request(e.to_string())))?;
+    let (_, addr) = node
+        .councils
+        .live(&id)
+        .ok_or_else(|| rest::ApiError(Refusal::not_found(format!("council {id} is not open"))))?;
+    addr.do_send(crate::council::InjectCouncilPanic);
+    Ok(HttpResponse::Accepted().finish())
+}
+
+/// Makes the node's scheduler panic. Only in `fault-injection` builds.
+#[cfg(feature = "fault-injection")]
+async fn inject_scheduler_panic(node: web::Data<Arc<Node>>) -> HttpResponse {
+    node.scheduler
+        .addr()
+        .do_send(crate::tasks::InjectSchedulerPanic);
+    HttpResponse::Accepted().finish()
+}
+
 /// Liveness: the process serves HTTP.
 #[utoipa::path(responses((status = 200, description = "alive")))]
 #[get("/healthz")]
@@ -228,6 +261,14 @@ async fn healthz() -> HttpResponse {
 #[get("/readyz")]
 async fn readyz(node: web::Data<Arc<Node>>) -> HttpResponse {
     match node.store.ping().await {
+        // A node whose scheduler was given up still serves sessions, but must not be sent
+        // workers: it is not ready.
+        Ok(()) if !node.scheduler.is_running() => {
+            HttpResponse::ServiceUnavailable().json(serde_json::json!({
+                "status": "unavailable", "store": node.store.backend(), "node": node.id,
+                "error": "the scheduler failed repeatedly and was stopped",
+            }))
+        }
         Ok(()) => HttpResponse::Ok().json(serde_json::json!({
             "status": "ready", "store": node.store.backend(), "node": node.id,
         })),

@@ -81,7 +81,7 @@ pub async fn list_workers(
     node: web::Data<Arc<Node>>,
     Caller(_caller): Caller,
 ) -> ApiResult<web::Json<Vec<WorkerView>>> {
-    let workers = node.scheduler.send(ListWorkers).await.map_err(|_| {
+    let workers = node.scheduler.addr().send(ListWorkers).await.map_err(|_| {
         Refusal::new(
             crate::protocol::ErrorCode::Internal,
             "the scheduler is not running",

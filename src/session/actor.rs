@@ -1231,9 +1231,6 @@ impl Drop for SessionActor {
         if self.retiring {
             return;
         }
-        if std::thread::panicking() {
-            telemetry::actor_panic("session");
-        }
         let survivors = Reattach {
             conns: self
                 .subscribers

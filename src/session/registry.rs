@@ -6,12 +6,9 @@
 //! it. An actor removes itself when it passivates, guarded by a generation number so that a
 //! stale actor never removes its successor.
 
-use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, ArbiterHandle};
 use dashmap::DashMap;
@@ -22,13 +19,8 @@ use crate::config::Limits;
 use crate::protocol::frames::ServerFrame;
 use crate::protocol::{ErrorCode, Refusal, SessionId};
 use crate::store::SharedStore;
+use crate::supervisor::{CrashLoop, Verdict};
 use crate::telemetry;
-
-/// Crash restarts of one session tolerated within [`RESTART_WINDOW`] before giving up.
-const MAX_RESTARTS: usize = 5;
-const RESTART_WINDOW: Duration = Duration::from_secs(30);
-/// The first restart's delay; it doubles with each recent restart (up to 2 s).
-const RESTART_BACKOFF: Duration = Duration::from_millis(20);
 
 /// What every session actor of a node shares.
 pub struct SessionDeps {
@@ -49,10 +41,8 @@ pub struct SessionRegistry {
     next_generation: AtomicU64,
     /// Sessions retired since start, for the memory trimmer.
     retired: AtomicU64,
-    /// Recent crash restarts per session, to back off and give up on a crash loop.
-    restarts: DashMap<SessionId, VecDeque<Instant>>,
-    /// Set at shutdown: actors dropped then are not restarted.
-    shutting_down: AtomicBool,
+    /// Recent crashes per session, to back off and give up on a crash loop.
+    crashes: CrashLoop<SessionId>,
     deps: Arc<SessionDeps>,
 }
 
@@ -65,8 +55,7 @@ impl SessionRegistry {
             hasher: Default::default(),
             next_generation: AtomicU64::new(1),
             retired: AtomicU64::new(0),
-            restarts: DashMap::new(),
-            shutting_down: AtomicBool::new(false),
+            crashes: CrashLoop::new("session"),
             deps: Arc::new(deps),
         })
     }
@@ -140,14 +129,14 @@ impl SessionRegistry {
 
     /// Stops restarting crashed sessions: the node is shutting down.
     pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
+        self.crashes.begin_shutdown();
     }
 
     /// The supervisor's half of a crash: a session actor of `generation` died without retiring
     /// (a panic). It is rebuilt from its checkpoint (the store) after a backoff, and its
-    /// connections are re-attached to the new actor. A session that crashes
-    /// `MAX_RESTARTS` times within `RESTART_WINDOW` is given up: its connections are told, and
-    /// it stays down until someone uses it again after the window.
+    /// connections are re-attached to the new actor. A session in a crash loop
+    /// ([`CrashLoop`]) is given up: its connections are told, and it stays down until someone
+    /// uses it again.
     pub(super) fn restart_crashed(
         self: &Arc<Self>,
         id: SessionId,
@@ -155,42 +144,24 @@ impl SessionRegistry {
         survivors: Reattach,
     ) {
         self.retire(&id, generation);
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return;
-        }
-        let recent = {
-            let mut history = self.restarts.entry(id.clone()).or_default();
-            let now = Instant::now();
-            while history
-                .front()
-                .is_some_and(|at| now.duration_since(*at) > RESTART_WINDOW)
-            {
-                history.pop_front();
+        let backoff = match self.crashes.crashed(&id) {
+            Verdict::ShuttingDown => return,
+            Verdict::Restart { after } => after,
+            Verdict::GiveUp => {
+                let refusal = Refusal::new(
+                    ErrorCode::Internal,
+                    format!("session {id} failed repeatedly and was stopped; rejoin later"),
+                );
+                let error = ServerFrame::error(None, &refusal).encode();
+                for (_, _, outbox) in survivors.conns {
+                    outbox.do_send(Deliver {
+                        ends_membership: Some(id.clone()),
+                        ..Deliver::ordered(error.clone())
+                    });
+                }
+                return;
             }
-            history.push_back(now);
-            history.len()
         };
-        if recent > MAX_RESTARTS {
-            tracing::error!(session = %id, recent, "session keeps crashing; giving up on it");
-            telemetry::supervisor_gave_up("session");
-            let refusal = Refusal::new(
-                ErrorCode::Internal,
-                format!("session {id} failed repeatedly and was stopped; rejoin later"),
-            );
-            let error = ServerFrame::error(None, &refusal).encode();
-            for (_, _, outbox) in survivors.conns {
-                outbox.do_send(Deliver {
-                    ends_membership: Some(id.clone()),
-                    ..Deliver::ordered(error.clone())
-                });
-            }
-            return;
-        }
-        telemetry::actor_restart("session");
-        let backoff = RESTART_BACKOFF
-            .saturating_mul(1 << (recent - 1).min(6))
-            .min(Duration::from_secs(2));
-        tracing::warn!(session = %id, ?backoff, recent, "restarting crashed session from its checkpoint");
         let registry = Arc::clone(self);
         actix::spawn(async move {
             tokio::time::sleep(backoff).await;

@@ -24,6 +24,7 @@ pub async fn submit(
     principal.check_session(&session)?;
     let spec = request.validate()?;
     node.scheduler
+        .addr()
         .send(SubmitTask {
             session,
             spec,
@@ -63,6 +64,7 @@ pub async fn cancel(
     principal.check_write()?;
     read(node, principal, &task).await?;
     node.scheduler
+        .addr()
         .send(CancelTask {
             task: task.clone(),
             actor: principal.user.actor(),

@@ -16,6 +16,8 @@ use crate::session::log::Actor;
 #[rtype(result = "()")]
 pub struct ToWorker {
     pub frame: ByteString,
+    /// Close the socket after this frame: the node can no longer schedule for this worker.
+    pub then_close: bool,
 }
 
 /// A worker said `hello`: it may now be assigned up to `capacity` tasks of `capabilities`.

@@ -2,13 +2,17 @@
 //! between it and worker connections.
 
 pub mod access;
+mod handle;
 mod messages;
 mod model;
 mod scheduler;
 
+pub use handle::SchedulerHandle;
 pub use messages::{
     CancelTask, DrainWorker, ListWorkers, PickWorkers, RegisterWorker, Report, SubmitTask,
     TaskFinished, TaskReport, ToWorker, WatchTask, WorkerGone, WorkerHeartbeat, WorkerView,
 };
 pub use model::*;
+#[cfg(feature = "fault-injection")]
+pub use scheduler::InjectSchedulerPanic;
 pub use scheduler::{SWEEP_EVERY, Scheduler, SchedulerConfig, raw_json};

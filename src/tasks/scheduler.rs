@@ -17,7 +17,7 @@
 //!   keeping the last error.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -25,6 +25,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
+use super::handle::SchedulerHandle;
 use super::messages::{
     CancelTask, DrainWorker, ListWorkers, PickWorkers, RegisterWorker, Report, SubmitTask,
     TaskFinished, TaskReport, ToWorker, WatchTask, WorkerGone, WorkerHeartbeat, WorkerView,
@@ -103,6 +104,7 @@ impl WorkerSlot {
     fn send(&self, frame: &WorkerFrame) {
         self.outbox.do_send(ToWorker {
             frame: frame.encode(),
+            then_close: false,
         });
     }
 }
@@ -170,6 +172,8 @@ pub struct Scheduler {
     opening: HashMap<SessionId, Vec<PendingSubmit>>,
     /// Who to tell when a task ends.
     watchers: HashMap<TaskId, Recipient<TaskFinished>>,
+    /// The supervisor to hand the workers to if this actor crashes.
+    handle: Weak<SchedulerHandle>,
 }
 
 /// A submission and where its answer goes.
@@ -180,10 +184,11 @@ type PendingSubmit = (
 );
 
 impl Scheduler {
-    pub fn new(
+    pub(super) fn new(
         store: SharedStore,
         registry: Arc<SessionRegistry>,
         config: SchedulerConfig,
+        handle: Weak<SchedulerHandle>,
     ) -> Self {
         Self {
             store,
@@ -201,6 +206,7 @@ impl Scheduler {
             group_cursor: 0,
             opening: HashMap::new(),
             watchers: HashMap::new(),
+            handle,
         }
     }
 
@@ -812,6 +818,100 @@ impl Actor for Scheduler {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(SWEEP_EVERY, |act, ctx| act.sweep(ctx));
+    }
+}
+
+/// What a crashed scheduler leaves its successor: the connected workers, the leases it handed
+/// them, and who is watching which task.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Adopt {
+    workers: Vec<(WorkerId, WorkerSlot)>,
+    held: Vec<(TaskId, Holding)>,
+    watchers: Vec<(TaskId, Recipient<TaskFinished>)>,
+}
+
+impl Adopt {
+    /// Tells every worker that the node has stopped scheduling, and closes its socket: it
+    /// reconnects to a node that schedules (its leases lapse and are retried there).
+    pub(super) fn abandon(self, refusal: &Refusal) {
+        let frame = WorkerFrame::error(None, None, refusal).encode();
+        telemetry::workers_connected(-i32::try_from(self.workers.len()).unwrap_or(i32::MAX));
+        for (_, worker) in self.workers {
+            worker.outbox.do_send(ToWorker {
+                frame: frame.clone(),
+                then_close: true,
+            });
+        }
+    }
+}
+
+/// The supervision hook: a scheduler is only ever dropped by a crash (a panic unwinds through
+/// here) or by its arbiter stopping at shutdown. Its workers stay connected and are handed to a
+/// successor rebuilt from the store, the queue's checkpoint.
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        let Some(handle) = self.handle.upgrade() else {
+            return;
+        };
+        let survivors = Adopt {
+            workers: self.workers.drain().collect(),
+            held: self.held.drain().collect(),
+            watchers: self.watchers.drain().collect(),
+        };
+        handle.restart_crashed(survivors);
+    }
+}
+
+impl Handler<Adopt> for Scheduler {
+    type Result = ();
+
+    /// Takes over a crashed predecessor's workers. Every lease it handed out is retried (the
+    /// holder is sent `cancel` first, so its slot is free before anything new is assigned):
+    /// reports in the predecessor's unwritten batch died with it, so none of those leases can be
+    /// trusted to settle. Delivery stays at least once.
+    fn handle(&mut self, msg: Adopt, ctx: &mut Context<Self>) {
+        for (id, mut worker) in msg.workers {
+            worker.load = 0;
+            worker.reserved = 0;
+            self.workers.insert(id, worker);
+        }
+        self.watchers.extend(msg.watchers);
+        for (task, holding) in msg.held {
+            if let Some(worker) = self.workers.get_mut(&holding.worker) {
+                worker.load += 1;
+            }
+            let (lease, attempt, max_attempts) =
+                (holding.lease.clone(), holding.attempt, holding.max_attempts);
+            self.held.insert(task.clone(), holding);
+            self.lapse(
+                task,
+                lease,
+                attempt,
+                max_attempts,
+                "the scheduler restarted while the task was running".to_owned(),
+                ctx,
+            );
+        }
+        self.queue_changed(ctx);
+    }
+}
+
+/// Makes the scheduler panic, to test its supervision. Only in `fault-injection` builds.
+#[cfg(feature = "fault-injection")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InjectSchedulerPanic;
+
+#[cfg(feature = "fault-injection")]
+impl Handler<InjectSchedulerPanic> for Scheduler {
+    type Result = ();
+
+    fn handle(&mut self, _: InjectSchedulerPanic, _ctx: &mut Context<Self>) {
+        panic!(
+            "injected panic in the scheduler of node {}",
+            self.config.node
+        );
     }
 }
 
