@@ -209,3 +209,111 @@ async fn a_replay_larger_than_the_queue_bound_is_delivered_in_full() {
     }
     assert_gap_free(&events, 1);
 }
+
+/// A process's resident and peak resident memory (VmRSS, VmHWM), in bytes, from /proc.
+fn resident_bytes(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The bound: 20 senders × 400 chats of 8 KB (64 MB in all) to a session whose one
+/// other member never reads. The server (a real process, measured from /proc) drops that client
+/// and its peak resident memory grows by less than 40 MiB: a stalled reader's backlog never
+/// accumulates in the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_never_grows_server_memory() {
+    const SENDERS: usize = 20;
+    const PER_SENDER: usize = 400;
+    let data = tempfile::tempdir().expect("temp dir");
+    let data_dir = data.path().to_str().expect("utf-8 path").to_owned();
+    let server = common::spawn_binary(&["--data-dir", data_dir.as_str()], &[]).await;
+    let base = server.http_url();
+    let session = common::worker::new_session(&base, "stalled-reader").await;
+    let session = session.as_str();
+    let text = "x".repeat(CHAT_BYTES);
+    // Warm up: the session live, the store's pages and the HTTP workers' buffers allocated.
+    for _ in 0..20 {
+        let (status, _) = post_json(
+            &format!("{base}/v1/sessions/{session}/messages"),
+            &json!({"text": text, "name": "warm-up"}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let mut stalled = WsClient::connect_small_window(server.addr, &server.ws_url(), 4 * 1024).await;
+    stalled.hello("stalled").await;
+    stalled.join(session, None, None).await;
+    let (baseline, _) = resident_bytes(server.pid());
+
+    let posted = std::sync::Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|i| {
+            let (url, text, posted) = (
+                format!("{base}/v1/sessions/{session}/messages"),
+                text.clone(),
+                posted.clone(),
+            );
+            tokio::spawn(async move {
+                for _ in 0..PER_SENDER {
+                    let (status, body) =
+                        post_json(&url, &json!({"text": text, "name": format!("sender-{i}")}))
+                            .await;
+                    assert_eq!(status, 200, "{body}");
+                    posted.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.await.expect("a sender failed");
+    }
+    assert_eq!(posted.load(Ordering::Relaxed), SENDERS * PER_SENDER);
+
+    let (now, peak) = resident_bytes(server.pid());
+    let growth = peak.saturating_sub(baseline);
+    eprintln!(
+        "resident memory: baseline {} KiB, peak {} KiB (+{} KiB), now {} KiB",
+        baseline >> 10,
+        peak >> 10,
+        growth >> 10,
+        now >> 10
+    );
+    assert!(
+        growth < 40 << 20,
+        "peak resident memory grew by {} MiB (baseline {} MiB, peak {} MiB, now {} MiB)",
+        growth >> 20,
+        baseline >> 20,
+        peak >> 20,
+        now >> 20
+    );
+    // The stalled client was dropped: the server says so, and the session has no member left.
+    let metrics = common::http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("conclave_slow_consumers_total") && !l.ends_with(" 0")),
+        "no slow consumer was dropped:\n{metrics}"
+    );
+    let (_, inspect) = common::get_json(&format!("{base}/v1/sessions/{session}")).await;
+    assert_eq!(
+        inspect["members"].as_array().map(Vec::len),
+        Some(0),
+        "the stalled reader is still a member: {inspect}"
+    );
+    drop(stalled);
+}
