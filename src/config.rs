@@ -168,6 +168,11 @@ pub struct Limits {
     /// The largest task output a worker may return, in bytes of JSON.
     #[arg(long, env = "CONCLAVE_MAX_TASK_OUTPUT_BYTES", default_value_t = 256 << 10)]
     pub max_task_output_bytes: usize,
+
+    /// A session owner's lease, renewed every third of it: after its node dies, another node
+    /// may take the session over once this has passed.
+    #[arg(long, env = "CONCLAVE_OWNER_LEASE_TTL_MS", default_value_t = 10_000)]
+    pub owner_lease_ttl_ms: u64,
 }
 
 impl Default for Limits {
@@ -196,6 +201,7 @@ impl Default for Limits {
             task_retry_base_ms: 500,
             task_retry_max_ms: 60_000,
             max_task_output_bytes: 256 << 10,
+            owner_lease_ttl_ms: 10_000,
         }
     }
 }
@@ -215,6 +221,10 @@ impl Limits {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_s)
+    }
+
+    pub fn owner_lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.owner_lease_ttl_ms.max(300))
     }
 }
 

@@ -63,17 +63,19 @@ pub async fn start_with_store(
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
     let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
-    let registry = SessionRegistry::new(
-        SessionDeps {
-            store: store.clone(),
-            limits: config.limits.clone(),
-        },
-        handles,
-    );
     let node_id = config
         .node_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let registry = SessionRegistry::new(
+        SessionDeps {
+            store: store.clone(),
+            limits: config.limits.clone(),
+            node: node_id.clone(),
+        },
+        handles,
+    );
+    actix::spawn(SessionRegistry::keep_leases(Arc::downgrade(&registry)));
     let limits = &config.limits;
     let scheduler_config = SchedulerConfig {
         node: node_id.clone(),
@@ -183,6 +185,9 @@ impl RunningServer {
         // arbiters (and any commit still in flight on them) go away.
         self.drain_sessions().await;
         self.node.registry.begin_shutdown();
+        // Every session is committed: let other nodes take them over now rather than after
+        // the leases run out.
+        self.node.registry.release_all().await;
         self.node.scheduler.begin_shutdown();
         self.node.councils.begin_shutdown();
         for arbiter in &self.arbiters {

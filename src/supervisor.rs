@@ -100,6 +100,10 @@ impl<K: Eq + Hash + Clone> CrashLoop<K> {
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
 }
 
 #[cfg(test)]

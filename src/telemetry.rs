@@ -84,6 +84,11 @@ pub fn slow_consumer(kind: &'static str) {
     counter!("conclave_slow_consumers_total", "kind" => kind).increment(1);
 }
 
+/// A session this node served was taken over by another node's lease.
+pub fn session_deposed() {
+    counter!("conclave_sessions_deposed_total").increment(1);
+}
+
 pub fn actor_restart(kind: &'static str) {
     counter!("conclave_actor_restarts_total", "kind" => kind).increment(1);
 }

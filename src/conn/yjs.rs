@@ -184,6 +184,9 @@ impl Handler<DeliverBinary> for YjsConn {
     type Result = ();
 
     fn handle(&mut self, msg: DeliverBinary, ctx: &mut Context<Self>) {
+        if msg.frame.is_empty() && msg.then_close {
+            return self.close(CloseCode::Restart, "the session moved to another node", ctx);
+        }
         match self.outbound.push_binary(msg.frame, FrameClass::Ordered) {
             Pushed::Queued | Pushed::Shed => {}
             Pushed::SlowConsumer => {

@@ -19,18 +19,18 @@ use tokio::sync::oneshot;
 
 use super::document::Document;
 use super::log::{self, ChatData, Event, EventKind, MemberData, NewEvent};
-use super::messages::Reattach;
 use super::messages::{
     AppendEvent, Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit,
     FrameClass, Inspect, Join, Leave, LiveView, PostChat, REPLAY_BUDGET_FACTOR, ReadDoc, Reply,
     SetPresence, YjsAttach, YjsAwareness, YjsAwarenessQuery, YjsSyncStep1, YjsUpdate,
 };
+use super::messages::{LeasesRenewed, Reattach};
 use super::ot::Operation;
 use super::registry::SessionRegistry;
 use crate::protocol::frames::{DocSummary, PresenceEntry, ServerFrame};
 use crate::protocol::yjs;
 use crate::protocol::{DocName, ErrorCode, Refusal, SessionId, UserInfo};
-use crate::store::{DocUpdate, SessionRecord, StoreError, StoredDoc};
+use crate::store::{DocUpdate, Fence, Ownership, SessionRecord, StoreError, StoredDoc};
 use crate::telemetry;
 
 /// The most event data the in-memory tail keeps, whatever its count.
@@ -139,6 +139,13 @@ pub struct SessionActor {
     last_activity: Instant,
     /// Set when the actor stops on purpose; an actor dropped without it crashed.
     retiring: bool,
+    /// This node's lease on the session: the fence of every write. `None` until loaded, and
+    /// again once deposed.
+    fence: Option<Fence>,
+    /// When the lease was taken: a renewal reported from before it says nothing about it.
+    fenced_at: Instant,
+    /// Why the session is not served here, when another node owns it.
+    elsewhere: Option<Refusal>,
 }
 
 impl SessionActor {
@@ -169,7 +176,55 @@ impl SessionActor {
             deferred_joins: Vec::new(),
             last_activity: Instant::now(),
             retiring: false,
+            fence: None,
+            fenced_at: Instant::now(),
+            elsewhere: None,
         }
+    }
+
+    /// The refusal for a request to a session that is not loaded here.
+    fn unserved(&self) -> Refusal {
+        self.elsewhere.clone().unwrap_or_else(|| {
+            Refusal::not_found(format!(
+                "session {} does not exist or was archived",
+                self.id
+            ))
+        })
+    }
+
+    /// Another node took the session over (its lease has a newer epoch): stop serving it at
+    /// once, without writing. Nothing pending is acked; every client is told and loses the
+    /// membership, and Yjs sockets are closed so they resync by state vector elsewhere.
+    fn deposed(&mut self, ctx: &mut Context<Self>) {
+        if self.fence.take().is_none() {
+            return;
+        }
+        tracing::warn!(session = %self.id, "session lease taken over by another node; no longer serving it");
+        telemetry::session_deposed();
+        let refusal = Refusal::new(
+            ErrorCode::Conflict,
+            format!(
+                "session {} moved to another node; reconnect and join again",
+                self.id
+            ),
+        );
+        for reply in self.pending.drain(..).filter_map(|w| w.reply) {
+            reply.refuse(refusal.clone());
+        }
+        let error = ServerFrame::error(None, &refusal).encode();
+        for subscriber in self.subscribers.values_mut() {
+            subscriber.send(Deliver {
+                ends_membership: Some(self.id.clone()),
+                ..Deliver::ordered(error.clone())
+            });
+        }
+        for subscriber in self.yjs_subscribers.values() {
+            subscriber.outbox.do_send(DeliverBinary {
+                frame: bytes::Bytes::new(),
+                then_close: true,
+            });
+        }
+        self.retire(ctx);
     }
 
     fn limits(&self) -> &crate::config::Limits {
@@ -181,15 +236,26 @@ impl SessionActor {
     fn retire(&mut self, ctx: &mut Context<Self>) {
         self.retiring = true;
         self.registry.retire(&self.id, self.generation);
+        if let Some(fence) = self.fence.take() {
+            let (store, session) = (self.registry.deps().store.clone(), self.id.clone());
+            actix::spawn(async move {
+                if let Err(err) = store.release_session(&session, &fence).await {
+                    tracing::debug!(%session, %err, "lease not released; it expires by itself");
+                }
+            });
+        }
         ctx.stop();
     }
 
     fn on_loaded(
         &mut self,
+        fence: Fence,
         record: SessionRecord,
         tail: Vec<Event>,
         docs: BTreeMap<DocName, Document>,
     ) {
+        self.fence = Some(fence);
+        self.fenced_at = Instant::now();
         self.epoch = record.epoch;
         self.committed = record.offset;
         self.tail_bytes = tail.iter().map(|e| e.data.get().len()).sum();
@@ -238,6 +304,9 @@ impl SessionActor {
         if self.flushing || self.pending.is_empty() {
             return;
         }
+        let Some(fence) = self.fence.clone() else {
+            return;
+        };
         if let Some(timer) = self.flush_timer.take() {
             ctx.cancel_future(timer);
         }
@@ -261,7 +330,9 @@ impl SessionActor {
         let backend = store.backend();
         ctx.spawn(
             async move {
-                let result = store.commit_batch(&session, &events, &updates).await;
+                let result = store
+                    .commit_batch(&session, &fence, &events, &updates)
+                    .await;
                 (result, events, !updates.is_empty())
             }
             .into_actor(self)
@@ -339,6 +410,7 @@ impl SessionActor {
             for (conn, subscriber) in &self.yjs_subscribers {
                 if subscriber.doc == change.doc && change.origin.as_ref() != Some(conn) {
                     subscriber.outbox.do_send(DeliverBinary {
+                        then_close: false,
                         frame: frame.clone(),
                     });
                 }
@@ -377,6 +449,10 @@ impl SessionActor {
         ctx: &mut Context<Self>,
     ) {
         tracing::warn!(session = %self.id, %err, count = batch.len(), "commit failed; nothing acked");
+        if matches!(err, StoreError::Deposed) {
+            self.pending.splice(0..0, batch);
+            return self.deposed(ctx);
+        }
         let mut refused: Vec<PendingWrite> = batch;
         if had_updates {
             refused.append(&mut self.pending);
@@ -448,6 +524,7 @@ impl SessionActor {
             }
             if let Some(sv) = subscriber.awaiting_sync.take() {
                 subscriber.outbox.do_send(DeliverBinary {
+                    then_close: false,
                     frame: yjs::sync_step2(document.diff(&sv)),
                 });
             }
@@ -458,6 +535,7 @@ impl SessionActor {
         for (conn, subscriber) in &self.yjs_subscribers {
             if &subscriber.doc == doc && except != Some(conn) {
                 subscriber.outbox.do_send(DeliverBinary {
+                    then_close: false,
                     frame: frame.clone(),
                 });
             }
@@ -499,18 +577,22 @@ impl SessionActor {
             .filter(|d| d.updates_since_snapshot() >= threshold)
             .filter_map(|d| d.begin_compaction().map(|s| (d.name().clone(), s)))
             .collect();
+        let Some(fence) = self.fence.clone() else {
+            return;
+        };
         for (name, snapshot) in due {
             let store = self.registry.deps().store.clone();
-            let session = self.id.clone();
+            let (session, fence) = (self.id.clone(), fence.clone());
             ctx.spawn(
                 async move {
-                    let result = store.compact_doc(&session, &name, &snapshot).await;
+                    let result = store.compact_doc(&session, &fence, &name, &snapshot).await;
                     (name, snapshot.upto_seq, result)
                 }
                 .into_actor(self)
-                .map(|(name, upto_seq, result), act, _ctx| {
+                .map(|(name, upto_seq, result), act, ctx| {
                     let stored = match result {
                         Ok(()) => Some(upto_seq),
+                        Err(StoreError::Deposed) => return act.deposed(ctx),
                         Err(err) => {
                             tracing::warn!(session = %act.id, doc = %name, %err, "compaction failed; the update log stays");
                             None
@@ -779,26 +861,47 @@ impl Actor for SessionActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let store = self.registry.deps().store.clone();
         let session = self.id.clone();
+        let node = self.registry.deps().node.clone();
+        let ttl = self.limits().owner_lease_ttl();
         let tail_len = self.limits().event_tail as u64;
         ctx.wait(
             async move {
+                // The lease first: only the owner may load, since only it may write.
+                let fence = match store.acquire_session(&session, &node, ttl).await? {
+                    Ownership::Acquired(fence) => fence,
+                    Ownership::HeldBy { node, until } => return Ok(Err((node, until))),
+                };
                 let record = store.open_session(&session).await?;
                 let from = record.offset.saturating_sub(tail_len);
                 let tail = store
                     .events_after(&session, from, u32::try_from(tail_len).unwrap_or(u32::MAX))
                     .await?;
                 let docs = store.load_docs(&session).await;
-                Ok::<_, StoreError>((record, tail, docs))
+                Ok::<_, StoreError>(Ok((fence, record, tail, docs)))
             }
             .into_actor(self)
             .map(|result, act, ctx| match result {
-                Ok((record, ..)) if record.archived => {
+                Ok(Err((owner, until))) => {
+                    // Answer what is queued with where the session is, then make way for a
+                    // later activation to ask again.
+                    act.elsewhere = Some(Refusal::new(
+                        ErrorCode::Conflict,
+                        format!(
+                            "session {} is served by node {owner} (its lease runs until {}); \
+                             connect to that node",
+                            act.id,
+                            until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                        ),
+                    ));
+                    ctx.run_later(Duration::from_millis(100), |act, ctx| act.retire(ctx));
+                }
+                Ok(Ok((_, record, ..))) if record.archived => {
                     // Stays unloaded: every request gets not_found until the idle check
                     // retires the actor.
                     tracing::debug!(session = %act.id, "refusing to serve an archived session");
                 }
-                Ok((record, tail, docs)) => match load_documents(docs) {
-                    Ok(docs) => act.on_loaded(record, tail, docs),
+                Ok(Ok((fence, record, tail, docs))) => match load_documents(docs) {
+                    Ok(docs) => act.on_loaded(fence, record, tail, docs),
                     Err(err) => {
                         tracing::error!(session = %act.id, %err, "documents failed to load; not serving the session");
                         act.retire(ctx);
@@ -836,10 +939,7 @@ impl Handler<Join> for SessionActor {
 
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) -> Self::Result {
         if !self.loaded {
-            return Err(Refusal::not_found(format!(
-                "session {} does not exist or was archived",
-                self.id
-            )));
+            return Err(self.unserved());
         }
         let max = self.limits().max_members;
         let is_member = self.members.iter().any(|m| m.user.id == msg.user.id);
@@ -1056,22 +1156,21 @@ impl Handler<YjsAttach> for SessionActor {
 
     fn handle(&mut self, msg: YjsAttach, _ctx: &mut Context<Self>) -> Self::Result {
         if !self.loaded {
-            return Err(Refusal::not_found(format!(
-                "session {} does not exist or was archived",
-                self.id
-            )));
+            return Err(self.unserved());
         }
         let document = self
             .docs
             .entry(msg.doc.clone())
             .or_insert_with(|| Document::new(msg.doc.clone()));
         msg.outbox.do_send(DeliverBinary {
+            then_close: false,
             frame: yjs::sync_step1(document.state_vector()),
         });
         if let Ok(states) = document.awareness().update()
             && !states.clients.is_empty()
         {
             msg.outbox.do_send(DeliverBinary {
+                then_close: false,
                 frame: yjs::awareness(states),
             });
         }
@@ -1110,6 +1209,7 @@ impl Handler<YjsUpdate> for SessionActor {
         };
         if !subscriber.user.role.may_write() {
             subscriber.outbox.do_send(DeliverBinary {
+                then_close: false,
                 frame: yjs::permission_denied(),
             });
             return;
@@ -1181,6 +1281,7 @@ impl Handler<YjsAwarenessQuery> for SessionActor {
             && let Ok(states) = document.awareness().update()
         {
             subscriber.outbox.do_send(DeliverBinary {
+                then_close: false,
                 frame: yjs::awareness(states),
             });
         }
@@ -1192,10 +1293,7 @@ impl Handler<ReadDoc> for SessionActor {
 
     fn handle(&mut self, msg: ReadDoc, _ctx: &mut Context<Self>) -> Self::Result {
         if !self.loaded {
-            return Err(Refusal::not_found(format!(
-                "session {} does not exist",
-                self.id
-            )));
+            return Err(self.unserved());
         }
         Ok(self.docs.get(&msg.doc).map_or_else(
             || DocSummary {
@@ -1245,6 +1343,19 @@ impl Drop for SessionActor {
         };
         self.registry
             .restart_crashed(self.id.clone(), self.generation, survivors);
+    }
+}
+
+impl Handler<LeasesRenewed> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: LeasesRenewed, ctx: &mut Context<Self>) {
+        let Some(fence) = &self.fence else {
+            return;
+        };
+        if msg.as_of > self.fenced_at && msg.held.get(&self.id) != Some(&fence.epoch) {
+            self.deposed(ctx);
+        }
     }
 }
 
@@ -1298,6 +1409,7 @@ impl Handler<Reattach> for SessionActor {
                 .or_insert_with(|| Document::new(doc.clone()));
             // The client resends what the server lost when it answers this sync step 1.
             outbox.do_send(DeliverBinary {
+                then_close: false,
                 frame: yjs::sync_step1(document.state_vector()),
             });
             self.yjs_subscribers.insert(
@@ -1329,10 +1441,7 @@ impl SessionActor {
     /// A write needs a loaded session and, from a socket, a connection that joined it.
     fn check_writer(&self, conn: Option<&ConnId>) -> Result<(), Refusal> {
         if !self.loaded {
-            return Err(Refusal::not_found(format!(
-                "session {} does not exist",
-                self.id
-            )));
+            return Err(self.unserved());
         }
         match conn {
             Some(conn) if !self.subscribers.contains_key(conn) => Err(not_joined(&self.id)),

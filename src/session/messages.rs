@@ -295,6 +295,9 @@ pub struct Archive;
 #[rtype(result = "()")]
 pub struct DeliverBinary {
     pub frame: bytes::Bytes,
+    /// Close the socket after this frame (the session moved to another node): the client
+    /// reconnects and resyncs by state vector, sending whatever this node did not commit.
+    pub then_close: bool,
 }
 
 /// A Yjs connection subscribes to one document. The server's sync step 1 and the current
@@ -339,6 +342,16 @@ pub struct YjsAwareness {
 #[rtype(result = "()")]
 pub struct YjsAwarenessQuery {
     pub conn: ConnId,
+}
+
+/// The owner's heartbeat, from [`SessionRegistry::keep_leases`](super::SessionRegistry): the
+/// epochs of every session lease the store still gives this node, as of `as_of`. A live session
+/// whose lease is missing or newer was taken over, and stops serving.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeasesRenewed {
+    pub held: Arc<std::collections::HashMap<SessionId, i64>>,
+    pub as_of: std::time::Instant,
 }
 
 /// The connections of a session actor that crashed, handed to its successor: they stay open,

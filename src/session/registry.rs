@@ -6,15 +6,17 @@
 //! it. An actor removes itself when it passivates, guarded by a generation number so that a
 //! stale actor never removes its successor.
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, ArbiterHandle};
 use dashmap::DashMap;
 
 use super::actor::SessionActor;
-use super::messages::{Deliver, Reattach};
+use super::messages::{Deliver, LeasesRenewed, Reattach};
 use crate::config::Limits;
 use crate::protocol::frames::ServerFrame;
 use crate::protocol::{ErrorCode, Refusal, SessionId};
@@ -26,6 +28,8 @@ use crate::telemetry;
 pub struct SessionDeps {
     pub store: SharedStore,
     pub limits: Limits,
+    /// This node's id: the owner named in the leases it takes.
+    pub node: String,
 }
 
 struct LiveSession {
@@ -130,6 +134,61 @@ impl SessionRegistry {
     /// Stops restarting crashed sessions: the node is shutting down.
     pub fn begin_shutdown(&self) {
         self.crashes.begin_shutdown();
+    }
+
+    /// The owner's heartbeat: every third of the lease TTL, renews all of this node's session
+    /// leases in one statement, and tells each live session which epochs the store still gives
+    /// this node, so one that was taken over stops serving. Ends when the registry is dropped
+    /// or the node shuts down.
+    pub async fn keep_leases(registry: Weak<Self>) {
+        let Some(every) = registry
+            .upgrade()
+            .map(|r| r.deps.limits.owner_lease_ttl() / 3)
+        else {
+            return;
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(registry) = registry.upgrade() else {
+                return;
+            };
+            if registry.crashes.is_shutting_down() || !registry.deps.store.shared() {
+                return;
+            }
+            let deps = &registry.deps;
+            let as_of = Instant::now();
+            match deps
+                .store
+                .renew_sessions(&deps.node, deps.limits.owner_lease_ttl())
+                .await
+            {
+                Ok(held) => {
+                    let held = Arc::new(held.into_iter().collect::<HashMap<_, _>>());
+                    for live in registry.live.iter() {
+                        live.addr.do_send(LeasesRenewed {
+                            held: Arc::clone(&held),
+                            as_of,
+                        });
+                    }
+                }
+                // The leases may lapse meanwhile; fenced writes keep a successor safe.
+                Err(err) => tracing::warn!(%err, "session leases not renewed"),
+            }
+        }
+    }
+
+    /// Expires every lease this node holds, so other nodes need not wait out the TTL.
+    pub async fn release_all(&self) {
+        if let Err(err) = self
+            .deps
+            .store
+            .renew_sessions(&self.deps.node, Duration::ZERO)
+            .await
+        {
+            tracing::warn!(%err, "session leases not released; they expire by themselves");
+        }
     }
 
     /// The supervisor's half of a crash: a session actor of `generation` died without retiring

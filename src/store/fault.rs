@@ -6,10 +6,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{DocSnapshot, DocUpdate, SessionRecord, SharedStore, Store, StoreError, StoredDoc};
+use super::{
+    DocSnapshot, DocUpdate, Fence, Ownership, SessionRecord, SharedStore, Store, StoreError,
+    StoredDoc,
+};
 use crate::protocol::{DocName, SessionId, TaskId, WorkerId};
 use crate::session::log::Event;
 use crate::tasks::{Claim, ClaimedTask, ExpiredLease, Settled, TaskRecord, TaskWrites};
@@ -134,14 +138,41 @@ impl Store for FaultyStore {
         self.inner.archive_session(id).await
     }
 
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+
+    async fn acquire_session(
+        &self,
+        id: &SessionId,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        self.switch.check_load()?;
+        self.inner.acquire_session(id, node, ttl).await
+    }
+
+    async fn renew_sessions(
+        &self,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Vec<(SessionId, i64)>, StoreError> {
+        self.inner.renew_sessions(node, ttl).await
+    }
+
+    async fn release_session(&self, id: &SessionId, fence: &Fence) -> Result<(), StoreError> {
+        self.inner.release_session(id, fence).await
+    }
+
     async fn commit_batch(
         &self,
         id: &SessionId,
+        fence: &Fence,
         events: &[Event],
         updates: &[DocUpdate],
     ) -> Result<(), StoreError> {
         self.switch.check_write()?;
-        self.inner.commit_batch(id, events, updates).await
+        self.inner.commit_batch(id, fence, events, updates).await
     }
 
     async fn load_docs(&self, id: &SessionId) -> Result<Vec<StoredDoc>, StoreError> {
@@ -152,11 +183,12 @@ impl Store for FaultyStore {
     async fn compact_doc(
         &self,
         id: &SessionId,
+        fence: &Fence,
         doc: &DocName,
         snapshot: &DocSnapshot,
     ) -> Result<(), StoreError> {
         self.switch.check_write()?;
-        self.inner.compact_doc(id, doc, snapshot).await
+        self.inner.compact_doc(id, fence, doc, snapshot).await
     }
 
     async fn events_after(

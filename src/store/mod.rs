@@ -10,6 +10,7 @@ mod sql;
 pub mod fault;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -30,6 +31,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The session's lease has a newer epoch: another node (or a newer actor) owns it now, and
+    /// this write was refused.
+    #[error("this node no longer owns the session: its lease was taken over")]
+    Deposed,
     #[cfg(feature = "fault-injection")]
     #[error("injected fault")]
     Injected,
@@ -46,6 +51,22 @@ pub struct SessionRecord {
     pub archived: bool,
     /// The offset of the last committed event; 0 for an empty log.
     pub offset: u64,
+}
+
+/// The fencing token of a session's writes: the owner node and the epoch of its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub node: String,
+    pub epoch: i64,
+}
+
+/// What asking for a session's lease gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// This node owns the session now, under a new epoch.
+    Acquired(Fence),
+    /// Another node holds a live lease.
+    HeldBy { node: String, until: DateTime<Utc> },
 }
 
 /// The storage operations Conclave needs. Every method is one short transaction or query.
@@ -83,10 +104,38 @@ pub trait Store: Send + Sync + 'static {
     /// Marks a session archived. `false` if there was no such live session.
     async fn archive_session(&self, id: &SessionId) -> Result<bool, StoreError>;
 
-    /// Commits a batch of events and document updates in one transaction: all of it or none.
+    /// Whether several nodes may share this store, so that sessions need leases. SQLite serves
+    /// one node: there every lease call succeeds without I/O and writes are not fenced.
+    fn shared(&self) -> bool;
+
+    /// Takes a session's lease for `node` until `ttl` from now, bumping its epoch, unless
+    /// another node holds a live one. A node may always take back its own lease (it restarted,
+    /// or its actor did).
+    async fn acquire_session(
+        &self,
+        id: &SessionId,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError>;
+
+    /// Extends every lease `node` holds to `ttl` from now, in one statement, and returns them
+    /// with their epochs: a live session missing from the answer was taken over.
+    async fn renew_sessions(
+        &self,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Vec<(SessionId, i64)>, StoreError>;
+
+    /// Gives a lease up at once (the session passivated), so another node need not wait for
+    /// it to expire. Its epoch stays, so the next owner's is newer.
+    async fn release_session(&self, id: &SessionId, fence: &Fence) -> Result<(), StoreError>;
+
+    /// Commits a batch of events and document updates in one transaction: all of it or none,
+    /// and only while `fence` still holds the session's lease ([`StoreError::Deposed`] if not).
     async fn commit_batch(
         &self,
         id: &SessionId,
+        fence: &Fence,
         events: &[Event],
         updates: &[DocUpdate],
     ) -> Result<(), StoreError>;
@@ -95,10 +144,11 @@ pub trait Store: Send + Sync + 'static {
     async fn load_docs(&self, id: &SessionId) -> Result<Vec<StoredDoc>, StoreError>;
 
     /// Replaces a document's snapshot with one covering updates up to `upto_seq`, and drops
-    /// those updates, in one transaction.
+    /// those updates, in one transaction, fenced like [`Store::commit_batch`].
     async fn compact_doc(
         &self,
         id: &SessionId,
+        fence: &Fence,
         doc: &DocName,
         snapshot: &DocSnapshot,
     ) -> Result<(), StoreError>;

@@ -19,7 +19,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row};
 
-use super::{CouncilRow, DocSnapshot, DocUpdate, SessionRecord, Store, StoreError, StoredDoc};
+use super::{
+    CouncilRow, DocSnapshot, DocUpdate, Fence, Ownership, SessionRecord, Store, StoreError,
+    StoredDoc,
+};
 use crate::protocol::{CouncilId, DocName, LeaseId, SessionId, TaskId, TaskKind, WorkerId};
 use crate::session::log::{Actor, Event, EventKind};
 use crate::tasks::{
@@ -177,8 +180,29 @@ async fn insert_events_pg(
     Ok(())
 }
 
+/// The first statement of every fenced write: it touches the lease row only if the fence
+/// still holds it, and returns [`StoreError::Deposed`] from the calling method (rolling the
+/// transaction back) if not. On PostgreSQL the row stays locked until the commit, so a takeover
+/// waits for this transaction, or this one sees the newer epoch and writes nothing.
+macro_rules! check_fence {
+    ($tx:expr, $id:expr, $fence:expr) => {{
+        let held = sqlx::query(
+            "UPDATE session_owners SET epoch = epoch \
+             WHERE session_id = $1 AND node_id = $2 AND epoch = $3",
+        )
+        .bind($id.as_str())
+        .bind($fence.node.as_str())
+        .bind($fence.epoch)
+        .execute(&mut *$tx)
+        .await?;
+        if held.rows_affected() != 1 {
+            return Err(StoreError::Deposed);
+        }
+    }};
+}
+
 macro_rules! sql_store {
-    ($store:ty, $backend:literal, $migrator:expr, $row:ty, begin_write: $begin:literal, skip_locked: $lock:literal, insert_events: $insert_events:ident) => {
+    ($store:ty, $backend:literal, $migrator:expr, $row:ty, begin_write: $begin:literal, skip_locked: $lock:literal, insert_events: $insert_events:ident, shared: $shared:literal) => {
         impl $store {
             fn task_from_row(row: &$row) -> Result<TaskRecord, StoreError> {
                 let state: String = row.try_get("state")?;
@@ -260,6 +284,10 @@ macro_rules! sql_store {
                 $backend
             }
 
+            fn shared(&self) -> bool {
+                $shared
+            }
+
             async fn migrate(&self) -> Result<(), StoreError> {
                 $migrator.run(&self.pool).await?;
                 Ok(())
@@ -321,9 +349,97 @@ macro_rules! sql_store {
                 Ok(done.rows_affected() == 1)
             }
 
+            async fn acquire_session(
+                &self,
+                id: &SessionId,
+                node: &str,
+                ttl: Duration,
+            ) -> Result<Ownership, StoreError> {
+                if !$shared {
+                    return Ok(Ownership::Acquired(Fence { node: node.to_owned(), epoch: 0 }));
+                }
+                let now = Utc::now().timestamp_millis();
+                let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+                let taken = sqlx::query(
+                    "INSERT INTO session_owners (session_id, node_id, epoch, expires_at_ms) \
+                     VALUES ($1, $2, 1, $3) ON CONFLICT (session_id) DO UPDATE SET \
+                     node_id = excluded.node_id, epoch = session_owners.epoch + 1, \
+                     expires_at_ms = excluded.expires_at_ms \
+                     WHERE session_owners.expires_at_ms <= $4 \
+                     OR session_owners.node_id = excluded.node_id \
+                     RETURNING epoch",
+                )
+                .bind(id.as_str())
+                .bind(node)
+                .bind(expires)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+                if let Some(row) = taken {
+                    return Ok(Ownership::Acquired(Fence {
+                        node: node.to_owned(),
+                        epoch: row.try_get("epoch")?,
+                    }));
+                }
+                let holder = sqlx::query(
+                    "SELECT node_id, expires_at_ms FROM session_owners WHERE session_id = $1",
+                )
+                .bind(id.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(Ownership::HeldBy {
+                    node: holder.try_get("node_id")?,
+                    until: millis_to_time(holder.try_get("expires_at_ms")?)?,
+                })
+            }
+
+            async fn renew_sessions(
+                &self,
+                node: &str,
+                ttl: Duration,
+            ) -> Result<Vec<(SessionId, i64)>, StoreError> {
+                if !$shared {
+                    return Ok(Vec::new());
+                }
+                let expires = Utc::now()
+                    .timestamp_millis()
+                    .saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+                let rows = sqlx::query(
+                    "UPDATE session_owners SET expires_at_ms = $2 WHERE node_id = $1 \
+                     AND expires_at_ms > 0 RETURNING session_id, epoch",
+                )
+                .bind(node)
+                .bind(expires)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        let id: String = row.try_get("session_id")?;
+                        Ok((stored_id(&id, SessionId::parse)?, row.try_get("epoch")?))
+                    })
+                    .collect()
+            }
+
+            async fn release_session(&self, id: &SessionId, fence: &Fence) -> Result<(), StoreError> {
+                if !$shared {
+                    return Ok(());
+                }
+                sqlx::query(
+                    "UPDATE session_owners SET expires_at_ms = 0 \
+                     WHERE session_id = $1 AND node_id = $2 AND epoch = $3",
+                )
+                .bind(id.as_str())
+                .bind(&fence.node)
+                .bind(fence.epoch)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
             async fn commit_batch(
                 &self,
                 id: &SessionId,
+                fence: &Fence,
                 events: &[Event],
                 updates: &[DocUpdate],
             ) -> Result<(), StoreError> {
@@ -331,6 +447,9 @@ macro_rules! sql_store {
                     return Ok(());
                 }
                 let mut tx = self.pool.begin().await?;
+                if $shared {
+                    check_fence!(tx, id, fence);
+                }
                 $insert_events(&mut tx, id, events).await?;
                 for chunk in updates.chunks(1000) {
                     let mut insert =
@@ -398,10 +517,14 @@ macro_rules! sql_store {
             async fn compact_doc(
                 &self,
                 id: &SessionId,
+                fence: &Fence,
                 doc: &DocName,
                 snapshot: &DocSnapshot,
             ) -> Result<(), StoreError> {
                 let mut tx = self.pool.begin().await?;
+                if $shared {
+                    check_fence!(tx, id, fence);
+                }
                 sqlx::query(
                     "INSERT INTO doc_snapshots (session_id, doc, upto_seq, version, data) \
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id, doc) DO UPDATE SET \
@@ -774,7 +897,8 @@ sql_store!(
     sqlx::sqlite::SqliteRow,
     begin_write: "BEGIN IMMEDIATE",
     skip_locked: "",
-    insert_events: insert_events_sqlite
+    insert_events: insert_events_sqlite,
+    shared: false
 );
 sql_store!(
     PgStore,
@@ -783,5 +907,6 @@ sql_store!(
     sqlx::postgres::PgRow,
     begin_write: "BEGIN",
     skip_locked: " FOR UPDATE OF t SKIP LOCKED",
-    insert_events: insert_events_pg
+    insert_events: insert_events_pg,
+    shared: true
 );

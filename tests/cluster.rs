@@ -1,0 +1,296 @@
+//! Session ownership across nodes that share one PostgreSQL: each session has one owner, named
+//! by a lease with an epoch; other nodes say where it is served; when the owner dies, another
+//! node takes over once the lease has run out, with every acked event kept and offsets going
+//! on without a gap; and a deposed owner that wakes up cannot write (the epoch fences it).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    BinaryServer, PgDatabase, TestServer, WsClient, all_events, assert_gap_free, post_json,
+    spawn_binary,
+};
+use conclave::protocol::SessionId;
+use conclave::store::{Fence, Ownership, StoreError, StoreLocation};
+use serde_json::json;
+
+/// The lease TTL of every node here: short, so failover is quick to test.
+const TTL_MS: u64 = 1500;
+
+/// An in-process node on the shared database.
+fn node_on(db: &PgDatabase) -> TestServer {
+    let url = db.url.clone();
+    TestServer::sqlite_with(move |config| {
+        config.database_url = Some(url);
+        config.limits.owner_lease_ttl_ms = TTL_MS;
+    })
+}
+
+/// A node as a real process on the shared database, to kill or pause.
+async fn process_on(db: &PgDatabase, node_id: &str) -> BinaryServer {
+    let ttl = TTL_MS.to_string();
+    spawn_binary(
+        &[
+            "--database-url",
+            db.url.as_str(),
+            "--node-id",
+            node_id,
+            "--owner-lease-ttl-ms",
+            ttl.as_str(),
+        ],
+        &[],
+    )
+    .await
+}
+
+/// Joins `session`, retrying while another node's lease holds it; returns the `joined` frame
+/// and how long it took.
+async fn join_when_free(
+    client: &mut WsClient,
+    session: &str,
+    within: Duration,
+) -> (serde_json::Value, Duration) {
+    let started = Instant::now();
+    for attempt in 0.. {
+        let reference = format!("j{attempt}");
+        client
+            .send(json!({"type": "join", "ref": reference, "session": session}))
+            .await;
+        let reply = client.recv_until(|f| f["ref"] == reference.as_str()).await;
+        if reply["type"] == "joined" {
+            return (reply, started.elapsed());
+        }
+        assert_eq!(reply["code"], "conflict", "{reply}");
+        assert!(
+            started.elapsed() < within,
+            "the session was not taken over within {within:?}: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_has_one_owner_and_other_nodes_say_where() {
+    let db = PgDatabase::create();
+    let a = node_on(&db);
+    let b = node_on(&db);
+    let mut ada = WsClient::connect_hello(&a.ws_url(), "Ada").await;
+    ada.join("owned", None, None).await;
+    ada.chat("owned", "served by a").await;
+
+    let mut bob = WsClient::connect_hello(&b.ws_url(), "Bob").await;
+    bob.send(json!({"type": "join", "ref": "j", "session": "owned"}))
+        .await;
+    let refused = bob.recv_until(|f| f["ref"] == "j").await;
+    assert_eq!(refused["code"], "conflict", "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&a.node_id),
+        "the refusal does not name the owner: {refused}"
+    );
+    let (status, body) = post_json(
+        &format!("{}/v1/sessions/owned/messages", b.http_url()),
+        &json!({"text": "via b", "name": "Bob"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    // The owner goes on; nothing from b reached the log.
+    ada.chat("owned", "still served by a").await;
+    let events = all_events(&a.http_url(), "owned").await;
+    assert_gap_free(&events, 1);
+    assert!(events.iter().all(|e| e["data"]["text"] != "via b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_after_kill_9_keeps_acked_events_and_offsets_go_on() {
+    let db = PgDatabase::create();
+    let mut a = process_on(&db, "node-a").await;
+    let b = node_on(&db);
+    let mut ada = WsClient::connect_hello(&a.ws_url(), "Ada").await;
+    ada.join("failover", None, None).await;
+    let mut last = 0;
+    for i in 0..20 {
+        last = ada.chat("failover", &format!("acked {i}")).await;
+    }
+
+    a.kill_9();
+    let killed = Instant::now();
+    let mut bob = WsClient::connect_hello(&b.ws_url(), "Bob").await;
+    let (joined, _) = join_when_free(
+        &mut bob,
+        "failover",
+        Duration::from_millis(TTL_MS) + Duration::from_secs(5),
+    )
+    .await;
+    let failover = killed.elapsed();
+    eprintln!(
+        "failover: the session was served again {failover:?} after kill -9 (lease TTL {TTL_MS} ms)"
+    );
+    assert!(
+        failover <= Duration::from_millis(TTL_MS) + Duration::from_secs(2),
+        "failover took {failover:?}"
+    );
+    assert_eq!(joined["offset"].as_u64(), Some(last), "{joined}");
+    // last + 1 is Bob's member.joined; nothing was skipped or reused.
+    let next = bob.chat("failover", "after the failover").await;
+    assert_eq!(next, last + 2, "offsets jumped across the failover");
+    let events = all_events(&b.http_url(), "failover").await;
+    assert_gap_free(&events, 1);
+    for i in 0..20 {
+        let text = format!("acked {i}");
+        assert!(
+            events.iter().any(|e| e["data"]["text"] == text.as_str()),
+            "acked chat {text:?} was lost"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_deposed_owner_cannot_overwrite() {
+    let db = PgDatabase::create();
+    let a = process_on(&db, "node-a").await;
+    let b = node_on(&db);
+    let mut ada = WsClient::connect_hello(&a.ws_url(), "Ada").await;
+    ada.join("fenced", None, None).await;
+    let last = ada.chat("fenced", "before the pause").await;
+
+    // SIGSTOP: the owner neither renews nor knows its lease ran out.
+    let pid = libc::pid_t::try_from(a.pid()).expect("pid");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let mut bob = WsClient::connect_hello(&b.ws_url(), "Bob").await;
+    let (joined, _) = join_when_free(&mut bob, "fenced", Duration::from_secs(10)).await;
+    assert_eq!(joined["offset"].as_u64(), Some(last), "{joined}");
+    let taken = bob.chat("fenced", "the new owner's").await;
+    assert_eq!(taken, last + 2, "last + 1 is Bob's member.joined");
+
+    // Ada writes to the paused owner, which then wakes up: it must refuse, not ack.
+    ada.send(json!({"type": "chat", "ref": "late", "session": "fenced", "text": "from the deposed owner"}))
+        .await;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let answer = ada
+        .recv_until_within(Duration::from_secs(10), |f| {
+            f["ref"] == "late" || f["type"] == "error"
+        })
+        .await;
+    assert_eq!(
+        answer["type"], "error",
+        "the deposed owner answered {answer}"
+    );
+    assert_eq!(answer["code"], "conflict", "{answer}");
+
+    let events = all_events(&b.http_url(), "fenced").await;
+    assert_gap_free(&events, 1);
+    assert!(
+        events
+            .iter()
+            .all(|e| e["data"]["text"] != "from the deposed owner"),
+        "the deposed owner wrote: {events:?}"
+    );
+    assert_eq!(bob.chat("fenced", "still the owner").await, taken + 1);
+    drop(a);
+}
+
+/// The lease rules themselves, on PostgreSQL; SQLite serves one node, so it neither stores nor
+/// fences leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_fence_writes_on_a_shared_store() {
+    let db = PgDatabase::create();
+    let ttl = Duration::from_secs(30);
+    let session = SessionId::parse("leased").expect("id");
+    let store = conclave::store::connect(&StoreLocation::Postgres(db.url.clone()))
+        .await
+        .expect("store");
+    store.migrate().await.expect("migrations");
+    assert!(store.shared());
+    store.open_session(&session).await.expect("session");
+    let Ownership::Acquired(first) = store
+        .acquire_session(&session, "a", ttl)
+        .await
+        .expect("acquire")
+    else {
+        panic!("a fresh session was not acquired");
+    };
+    assert_eq!(first.epoch, 1);
+    match store
+        .acquire_session(&session, "b", ttl)
+        .await
+        .expect("acquire")
+    {
+        Ownership::HeldBy { node, .. } => assert_eq!(node, "a"),
+        other => panic!("a live lease was taken over: {other:?}"),
+    }
+    store
+        .release_session(&session, &first)
+        .await
+        .expect("release");
+    let Ownership::Acquired(second) = store
+        .acquire_session(&session, "b", ttl)
+        .await
+        .expect("acquire")
+    else {
+        panic!("a released lease was not free");
+    };
+    assert_eq!(second.epoch, 2);
+    let renewed = store.renew_sessions("b", ttl).await.expect("renew");
+    assert_eq!(renewed, vec![(session.clone(), 2)]);
+    assert!(
+        store
+            .renew_sessions("a", ttl)
+            .await
+            .expect("renew")
+            .is_empty()
+    );
+    // The deposed fence writes nothing; the current one does.
+    let stale = Fence {
+        node: "a".into(),
+        epoch: 1,
+    };
+    assert!(matches!(
+        store.commit_batch(&session, &stale, &[chat(1)], &[]).await,
+        Err(StoreError::Deposed)
+    ));
+    store
+        .commit_batch(&session, &second, &[chat(1)], &[])
+        .await
+        .expect("the owner's commit");
+    assert_eq!(
+        store
+            .events_after(&session, 0, 10)
+            .await
+            .expect("events")
+            .len(),
+        1
+    );
+    // The owner may always take its own lease back (a restart), under a new epoch.
+    match store
+        .acquire_session(&session, "b", ttl)
+        .await
+        .expect("acquire")
+    {
+        Ownership::Acquired(fence) => assert_eq!(fence.epoch, 3),
+        other => panic!("the owner could not take its lease back: {other:?}"),
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sqlite = conclave::store::connect(&StoreLocation::Sqlite(dir.path().join("one.sqlite3")))
+        .await
+        .expect("sqlite");
+    assert!(
+        !sqlite.shared(),
+        "SQLite must not pay for leases it never needs"
+    );
+}
+
+fn chat(offset: u64) -> conclave::session::log::Event {
+    conclave::session::log::NewEvent::new(
+        conclave::session::log::EventKind::Chat,
+        conclave::session::log::Actor {
+            id: "tester".into(),
+            name: "tester".into(),
+        },
+        &json!({"text": "hello"}),
+    )
+    .at_offset(offset)
+}
