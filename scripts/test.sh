@@ -88,11 +88,34 @@ fi
 say "Redis is up on $REDIS_HOST:$REDIS_PORT"
 
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-  echo "error: Node.js and npm are needed for the Yjs interop test (Debian: apt-get install nodejs npm)" >&2
+  echo "error: Node.js and npm are needed for the Yjs interop and browser tests (Debian: apt-get install nodejs npm)" >&2
   exit 1
 fi
 say "installing the interop test's pinned npm packages (yjs, y-websocket)"
 (cd tests/interop && npm ci --no-audit --no-fund --loglevel=error)
+
+# The browser tests drive Debian's Chromium through playwright-core, which never downloads one.
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo -n "$@"
+  else return 1
+  fi
+}
+if [ ! -x /usr/bin/chromium ]; then
+  say "installing Chromium for the browser tests (Debian's chromium package)"
+  if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+      >/tmp/conclave-chromium-install.log 2>&1; then
+    cat >&2 <<MSG
+error: /usr/bin/chromium is missing and could not be installed (log: /tmp/conclave-chromium-install.log).
+Fix: as root, run 'apt-get update && apt-get install -y chromium'. The browser tests drive Debian's
+Chromium with playwright-core and never download a browser of their own.
+MSG
+    exit 1
+  fi
+fi
+say "Chromium is at /usr/bin/chromium ($(/usr/bin/chromium --version 2>/dev/null | head -n1))"
+say "installing the browser tests' pinned npm packages (playwright-core)"
+(cd tests/web && npm ci --no-audit --no-fund --loglevel=error)
 
 say "checking format and lints"
 cargo fmt --check

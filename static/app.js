@@ -1,15 +1,22 @@
-// The Conclave web page: pick a session, join it, chat, and see who is here.
+// The Conclave web page: pick a session, join it, chat, edit its documents, see who is here, and
+// hand the session's tasks and councils to their panels (tasks.js, council.js, workers.js).
 //
 // User data only ever reaches the DOM through textContent and attributes; never innerHTML.
 
 import { ConclaveClient, RequestError, SESSION_NAME } from "./client.js";
+import { CouncilPanel } from "./council.js";
 import { DocClient } from "./doc-client.js";
+import { el, hueOf, showFieldError, timeNode } from "./dom.js";
 import { splitsPair, transformCaret } from "./ot.js";
+import { restJson, sessionPath } from "./rest.js";
+import { TasksPanel } from "./tasks.js";
+import { WorkersPanel } from "./workers.js";
 
 const TOKEN_KEY = "conclave.token";
 const NAME_KEY = "conclave.name";
 const MAX_NAME = 64;
-const BACKLOG = 100; // chat history fetched on a fresh join
+const BACKLOG = 100; // chat-log entries (messages, joins, leaves) shown from before a join
+const HISTORY_PAGE = 1000; // events per REST page when the panels rebuild from the log
 const IDLE_AFTER_MS = 60_000;
 const TYPING_FOR_MS = 3_000;
 const PRESENCE_MIN_GAP_MS = 300; // at most ~3 presence frames a second
@@ -69,6 +76,10 @@ const ui = {
 /** Everything about the session on screen; replaced on every join. */
 let view = null;
 
+const tasksPanel = new TasksPanel();
+const councilPanel = new CouncilPanel();
+const workersPanel = new WorkersPanel((kinds) => tasksPanel.setKinds(kinds));
+
 // ---- small helpers ----------------------------------------------------------------------------
 
 const storage = {
@@ -88,39 +99,6 @@ const storage = {
     }
   },
 };
-
-function el(tag, props = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (value === undefined || value === null) continue;
-    if (key === "class") node.className = value;
-    else if (key === "text") node.textContent = value;
-    else if (key === "style") for (const [p, v] of Object.entries(value)) node.style.setProperty(p, v);
-    else node.setAttribute(key, value);
-  }
-  for (const child of children) if (child) node.append(child);
-  return node;
-}
-
-/** A stable hue from a user id, for the colour that marks a person. */
-function hueOf(id) {
-  let h = 2166136261;
-  for (let i = 0; i < id.length; i++) {
-    h ^= id.charCodeAt(i);
-    h = Math.imul(h, 16777619);
-  }
-  return (h >>> 0) % 360;
-}
-
-function formatTime(iso) {
-  const date = new Date(iso);
-  if (Number.isNaN(date.getTime())) return { short: "", full: "" };
-  const sameDay = date.toDateString() === new Date().toDateString();
-  const short = sameDay
-    ? date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
-    : date.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
-  return { short, full: date.toLocaleString() };
-}
 
 function randomSessionName() {
   const adjectives = ["amber", "brisk", "calm", "deft", "eager", "fair", "glad", "keen", "lucid", "merry",
@@ -144,13 +122,6 @@ function validateName(value) {
   if (!value.trim()) return "Enter the name others will see.";
   if ([...value].length > MAX_NAME) return `A display name has at most ${MAX_NAME} characters.`;
   return "";
-}
-
-function showFieldError(input, errorNode, message) {
-  errorNode.textContent = message;
-  errorNode.hidden = !message;
-  if (message) input.setAttribute("aria-invalid", "true");
-  else input.removeAttribute("aria-invalid");
 }
 
 // ---- banners ----------------------------------------------------------------------------------
@@ -221,11 +192,6 @@ function insertEntry(offset, item) {
   if (stick || !before) log.scrollTop = log.scrollHeight;
 }
 
-function timeNode(at) {
-  const { short, full } = formatTime(at);
-  return el("time", { class: "msg-time", datetime: at, title: full, text: short });
-}
-
 function renderChat(event) {
   const actor = event.actor || {};
   const text = typeof event.data?.text === "string" ? event.data.text : "";
@@ -249,7 +215,7 @@ function userOf(event) {
   return user && typeof user === "object" ? user : event.actor || {};
 }
 
-/** What each event kind does. Later panels (tasks, councils) add their kinds here. */
+/** What each chat-log event kind does; `task.*` and `council.*` go to their panels. */
 const eventKinds = {
   chat: (event) => renderChat(event),
   "member.joined": (event) => {
@@ -270,33 +236,63 @@ const eventKinds = {
   },
 };
 
-function onEvent(event) {
-  if (!view || event.session !== view.session) return;
-  const handle = eventKinds[event.kind];
-  if (handle) handle(event);
+/** Feeds an event to the tasks or councils panel; false if it is neither's. */
+function panelEvent(event) {
+  const kind = typeof event.kind === "string" ? event.kind : "";
+  if (kind.startsWith("task.")) tasksPanel.onEvent(event);
+  else if (kind.startsWith("council.")) councilPanel.onEvent(event);
+  else return false;
+  return true;
 }
 
-/** On a fresh join, shows the recent history the socket does not replay. */
-async function fetchBacklog(upto) {
-  const current = view;
-  if (upto <= 0) return;
-  const after = Math.max(0, upto - BACKLOG);
-  const headers = { Accept: "application/json" };
-  if (current.token) headers.Authorization = `Bearer ${current.token}`;
-  try {
-    const response = await fetch(
-      `/v1/sessions/${encodeURIComponent(current.session)}/events?after=${after}&limit=${BACKLOG}`,
-      { headers, cache: "no-store" });
-    if (!response.ok) return;
-    const page = await response.json();
-    if (view !== current || current.resetAt !== null) return;
-    for (const event of page.events || []) {
-      if (typeof event.offset !== "number" || event.offset > upto) continue;
-      onEvent({ ...event, session: current.session, replayed: true });
+function onEvent(event) {
+  if (!view || event.session !== view.session) return;
+  if (panelEvent(event)) return;
+  const handle = eventKinds[event.kind];
+  if (!handle) return;
+  // People's names outlive their presence: councils name members who have left.
+  const user = event.kind === "chat" ? event.actor : userOf(event);
+  if (user?.id && user.name) view.names.set(user.id, user.name);
+  handle(event);
+}
+
+/**
+ * Rebuilds from the session's log over REST what the socket does not replay: on a fresh join (up
+ * to its snapshot's offset) and after a `reset` (to the end of the log, Infinity). The tasks and
+ * councils panels fold every event; the chat shows the last BACKLOG of its own kinds. Live events
+ * keep flowing meanwhile; every consumer takes an event at most once by its offset, in any order.
+ */
+async function loadHistory(current, upto) {
+  const run = ++current.historyRun;
+  const recent = [];
+  let after = 0;
+  while (after < upto) {
+    let page;
+    try {
+      page = await restJson(sessionPath(current.session, `/events?after=${after}&limit=${HISTORY_PAGE}`),
+        { token: current.token });
+    } catch (error) {
+      if (view === current && current.historyRun === run) {
+        showError(`Could not load this session’s history: ${error.message} (${error.code}). Live events still arrive.`);
+      }
+      return;
     }
-  } catch {
-    /* history is a convenience; live events still flow */
+    if (view !== current || current.historyRun !== run) return;
+    const events = Array.isArray(page?.events) ? page.events : [];
+    for (const event of events) {
+      if (typeof event.offset !== "number" || event.offset > upto) continue;
+      const replayed = { ...event, session: current.session, replayed: true };
+      if (panelEvent(replayed) || !eventKinds[event.kind]) continue;
+      const user = event.kind === "chat" ? event.actor : userOf(event);
+      if (user?.id && user.name) current.names.set(user.id, user.name);
+      recent.push(replayed);
+      if (recent.length > BACKLOG * 2) recent.splice(0, recent.length - BACKLOG);
+    }
+    if (events.length < HISTORY_PAGE) break;
+    after = events[events.length - 1].offset;
   }
+  for (const event of recent.slice(-BACKLOG)) onEvent(event);
+  councilPanel.refreshOpen();
 }
 
 // ---- presence ---------------------------------------------------------------------------------
@@ -330,13 +326,21 @@ function renderPresence() {
     if (conns.length === 0) {
       statuses.append(el("span", { class: "status status-none", text: "here" }));
     }
+    // One badge per distinct status: a person with two tabs is one person, not two.
+    const byStatus = new Map();
     for (const entry of conns) {
       const raw = entry.state && typeof entry.state.status === "string" ? entry.state.status : "";
+      if (!byStatus.has(raw)) byStatus.set(raw, []);
+      byStatus.get(raw).push(entry.conn);
+    }
+    for (const [raw, connIds] of byStatus) {
       const status = Object.hasOwn(STATUS_TEXT, raw) ? raw : "other";
+      const text = STATUS_TEXT[raw] || raw || "here";
       statuses.append(el("span", {
         class: `status status-${status}`,
-        "data-conn": entry.conn,
-        text: STATUS_TEXT[raw] || raw || "here",
+        "data-conn": connIds.join(" "),
+        title: connIds.length > 1 ? `${text} in ${connIds.length} tabs` : text,
+        text: connIds.length > 1 ? `${text} ×${connIds.length}` : text,
       }));
     }
     const label = el("span", { class: "member-name", text: name });
@@ -350,6 +354,24 @@ function renderPresence() {
   });
   ui.presence.replaceChildren(...items);
   ui.presenceCount.textContent = `(${items.length})`;
+  councilPanel.renderPeople();
+}
+
+/** Everyone known to be in the session: its members, and anyone whose presence came first. */
+function peopleOf(current) {
+  const people = new Map(current.members);
+  for (const entry of current.presence.values()) {
+    if (entry.user?.id && !people.has(entry.user.id)) people.set(entry.user.id, entry.user);
+  }
+  return [...people.values()].map((u) => ({ id: u.id, name: u.name || "" }));
+}
+
+/** A council member's name (`user:<id>` or `worker:<id>`), or "" when it is not known here. */
+function memberName(current, memberId) {
+  const [kind, id] = memberId.split(/:(.*)/s);
+  if (kind === "worker") return workersPanel.nameOf(id) ? `agent ${workersPanel.nameOf(id)}` : "";
+  if (kind === "user") return peopleOf(current).find((p) => p.id === id)?.name || current.names.get(id) || "";
+  return "";
 }
 
 function onPresence(frame) {
@@ -971,7 +993,6 @@ function startSession(session, name, token, doc = DEFAULT_DOC) {
     presence: new Map(),
     entries: new Map(),
     joinedOnce: false,
-    resetAt: null,
     sending: false,
     reporter: new PresenceReporter(client, session),
     docs: new Map(), // name → DocClient
@@ -979,9 +1000,21 @@ function startSession(session, name, token, doc = DEFAULT_DOC) {
     selections: new Map(), // name → the textarea selection when it was last shown
     cursors: new Map(), // conn → {conn, user, doc, anchor, head}: others' cursors
     mayWrite: true,
+    historyRun: 0,
+    names: new Map(), // user id → the name they last had in this session's log
   };
   const current = view;
   resetEditor();
+  const panelContext = {
+    client,
+    session,
+    token,
+    people: () => peopleOf(current),
+    memberName: (memberId) => memberName(current, memberId),
+  };
+  tasksPanel.start(panelContext);
+  councilPanel.start(panelContext);
+  workersPanel.start(panelContext);
 
   ui.chatLog.replaceChildren();
   ui.resetBanner.hidden = true;
@@ -1026,7 +1059,10 @@ function startSession(session, name, token, doc = DEFAULT_DOC) {
       current.joinedOnce = true;
       history.replaceState(null, "", shareUrl(session, name, current.activeDoc));
       current.reporter.flush();
-      fetchBacklog(frame.offset);
+      loadHistory(current, frame.offset);
+    } else {
+      // Events missed while away were replayed; councils may have moved on in ways they omit.
+      councilPanel.refreshOpen();
     }
   });
   client.addEventListener("event", (e) => onEvent(e.detail));
@@ -1034,10 +1070,13 @@ function startSession(session, name, token, doc = DEFAULT_DOC) {
   client.addEventListener("doc", (e) => onDocFrame(e.detail));
   client.addEventListener("reset", (e) => {
     if (view !== current || e.detail.session !== session) return;
-    current.resetAt = Date.now();
+    // What was shown may not be the server's history (another epoch): start again from its log.
     current.entries.clear();
     ui.chatLog.replaceChildren();
     ui.resetBanner.hidden = false;
+    tasksPanel.start(panelContext);
+    councilPanel.start(panelContext);
+    loadHistory(current, Infinity);
   });
   client.addEventListener("archived", (e) => {
     if (view !== current || e.detail.session !== session) return;
@@ -1079,6 +1118,9 @@ function stopSession() {
   const old = view;
   view = null;
   old.reporter.dispose();
+  tasksPanel.stop();
+  councilPanel.stop();
+  workersPanel.stop();
   for (const dc of old.docs.values()) dc.close();
   old.client.stop();
   clearTimeout(cursorTimer);

@@ -1,6 +1,7 @@
 //! Councils over real sockets, with scripted agent members: each strategy to a known result,
 //! quorum, abstention on timeout, self-exclusion and anonymity in reviews, early stop, revision
-//! rounds, a person as a member, the audit trail, bad requests, and `kill -9` mid-council.
+//! rounds, a person as a member (who alone reads their own label), the audit trail, bad
+//! requests, and `kill -9` mid-council.
 
 mod common;
 
@@ -494,6 +495,87 @@ async fn a_person_is_a_member_and_bad_ballots_are_audited() {
         invalid >= 2,
         "the invalid ballots are in the audit: {council}"
     );
+}
+
+#[tokio::test]
+async fn a_member_reads_its_own_label_and_nobody_else_does() {
+    let server = TestServer::sqlite_with(common::with_tokens);
+    let base = server.http_url();
+    let session = new_session(&base, "own-label").await;
+    // Everyone answers alike: only the server can tell Ada which label is hers.
+    agents(
+        server.addr,
+        vec![agent("same", 0.5, &[]), agent("same", 0.5, &[])],
+    )
+    .await;
+    let ada_token = common::token("ada", conclave::protocol::Role::Editor);
+    let mut ada = WsClient::connect(&server.ws_url()).await;
+    ada.send(json!({"type": "hello", "token": ada_token, "name": "Ada"}))
+        .await;
+    assert_eq!(ada.recv().await["type"], "welcome");
+    ada.join(&session, None, None).await;
+    ada.send(
+        json!({"type": "council.open", "ref": "o", "session": session, "question": "Same?",
+        "members": [{"capability": "council", "count": 2}, {"user": "ada"}],
+        "strategy": "majority", "phase_timeout_s": 10, "quorum": 2}),
+    )
+    .await;
+    let id = ada.recv_until(|f| f["ref"] == "o").await["council"]
+        .as_str()
+        .expect("council id")
+        .to_owned();
+    ada.send(
+        json!({"type": "council.ballot", "ref": "p", "council": id, "phase": "propose",
+        "ballot": {"answer": "same"}}),
+    )
+    .await;
+    assert_eq!(ada.recv_until(|f| f["ref"] == "p").await["type"], "ack");
+    let phase = ada
+        .recv_until(|f| f["kind"] == "council.phase" && f["data"]["phase"] == "review")
+        .await;
+    let labels: Vec<String> = phase["data"]["proposals"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    assert_eq!(labels.len(), 3, "{phase}");
+
+    // The view is saved a moment after the phase is announced: read until it has caught up.
+    let url = format!("{base}/v1/councils/{id}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let view = loop {
+        let (status, view) =
+            common::send_with(common::http().get(&url).bearer_auth(&ada_token)).await;
+        assert_eq!(status, 200, "{view}");
+        if view["phase"] == "review" {
+            break view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the view never reached review: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let own = view["your_label"]
+        .as_str()
+        .expect("your_label for a member");
+    assert!(
+        labels.iter().any(|l| l == own),
+        "{own} is one of {labels:?}"
+    );
+    let (_, anonymous) = get_json(&url).await;
+    assert!(anonymous.get("your_label").is_none(), "{anonymous}");
+
+    // Ranking the others, and only them, is a valid ballot.
+    let ranking: Vec<&String> = labels.iter().filter(|l| *l != own).collect();
+    ada.send(
+        json!({"type": "council.ballot", "ref": "r", "council": id, "phase": "review",
+        "ballot": {"ranking": ranking}}),
+    )
+    .await;
+    let answer = ada.recv_until(|f| f["ref"] == "r").await;
+    assert_eq!(answer["type"], "ack", "{answer}");
+    let council = wait_concluded(&base, &id, Duration::from_secs(15)).await;
+    assert_eq!(council["decision"]["answer"], "same", "{council}");
 }
 
 #[tokio::test]

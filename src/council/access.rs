@@ -105,13 +105,20 @@ async fn load(node: &Node, principal: &Principal, id: &CouncilId) -> Result<Coun
     Ok(council)
 }
 
-/// A council as last saved.
+/// A council as last saved, with the caller's own label if the caller is a labeled member.
 pub async fn read(
     node: &Node,
     principal: &Principal,
     id: &CouncilId,
 ) -> Result<CouncilView, Refusal> {
-    Ok(load(node, principal, id).await?.into())
+    let council = load(node, principal, id).await?;
+    let own = council
+        .label_of(&Member::person(&principal.user.id).id)
+        .map(str::to_owned);
+    Ok(CouncilView {
+        your_label: own,
+        ..council.into()
+    })
 }
 
 /// A person's ballot for the council's current phase.

@@ -307,6 +307,10 @@ pub struct CouncilView {
     pub label_map: Option<BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
+    /// The label of the caller's own proposal, when the caller is a member with one: a person
+    /// must leave it out of their ranking, and cannot tell it from identical answers otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub your_label: Option<String>,
     #[serde(serialize_with = "crate::session::log::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
@@ -330,6 +334,7 @@ impl From<Council> for CouncilView {
             ballots: c.ballots,
             label_map: over.then_some(c.labels),
             decision: c.decision,
+            your_label: None,
             created_at: c.created_at,
         }
     }
