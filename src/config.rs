@@ -16,11 +16,6 @@ pub enum ConfigError {
          --jwt-secret (CONCLAVE_JWT_SECRET), or pass --insecure-allow-anonymous to allow it knowingly"
     )]
     AnonymousOnPublicBind(SocketAddr),
-    #[error(
-        "--redis-url is set, but the Redis bus is not built yet (it lands with the cluster work); \
-         unset REDIS_URL to run a single node on the in-process bus"
-    )]
-    RedisNotYetSupported,
     #[error("--anonymous=true needs a loopback bind or --insecure-allow-anonymous")]
     AnonymousNeedsLoopback,
     #[error(transparent)]
@@ -45,6 +40,10 @@ pub struct ServeConfig {
     /// Set: the Redis bus, and this node may join a cluster. Unset: the in-process bus.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// The Redis bus names its channels under this prefix, so clusters can share one Redis.
+    #[arg(long, env = "CONCLAVE_BUS_PREFIX", default_value = "conclave")]
+    pub bus_prefix: String,
 
     /// This node's id; a UUIDv7 is generated when unset.
     #[arg(long, env = "CONCLAVE_NODE_ID")]
@@ -173,6 +172,10 @@ pub struct Limits {
     /// may take the session over once this has passed.
     #[arg(long, env = "CONCLAVE_OWNER_LEASE_TTL_MS", default_value_t = 10_000)]
     pub owner_lease_ttl_ms: u64,
+
+    /// How often the scheduler looks for lapsed leases and queued tasks it was not woken for.
+    #[arg(long, env = "CONCLAVE_TASK_SWEEP_MS", default_value_t = 1000)]
+    pub task_sweep_ms: u64,
 }
 
 impl Default for Limits {
@@ -202,6 +205,7 @@ impl Default for Limits {
             task_retry_max_ms: 60_000,
             max_task_output_bytes: 256 << 10,
             owner_lease_ttl_ms: 10_000,
+            task_sweep_ms: 1000,
         }
     }
 }
@@ -236,6 +240,7 @@ impl ServeConfig {
             data_dir,
             database_url: None,
             redis_url: None,
+            bus_prefix: "conclave".to_owned(),
             node_id: None,
             jwt_secret: None,
             jwt_public_key: None,
@@ -259,9 +264,6 @@ impl ServeConfig {
     /// loopback, unless `--insecure-allow-anonymous` says otherwise. With a secret or key,
     /// anonymous access is off unless `--anonymous=true` turns it on.
     pub fn authenticator(&self) -> Result<Authenticator, ConfigError> {
-        if self.redis_url.is_some() {
-            return Err(ConfigError::RedisNotYetSupported);
-        }
         let has_keys = self.jwt_secret.is_some() || self.jwt_public_key.is_some();
         let may_be_anonymous = self.bind.ip().is_loopback() || self.insecure_allow_anonymous;
         let anonymous = match self.anonymous {

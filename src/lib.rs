@@ -4,6 +4,7 @@
 //! real nodes. See `ARCHITECTURE.md` for the actors and where each guarantee is enforced.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod council;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::auth::Authenticator;
+use crate::cluster::SharedBus;
 use crate::config::Limits;
 use crate::council::Councils;
 use crate::session::SessionRegistry;
@@ -18,4 +19,6 @@ pub struct Node {
     pub limits: Limits,
     pub scheduler: Arc<SchedulerHandle>,
     pub councils: Arc<Councils>,
+    /// The bus to the other nodes (in-process on a single node).
+    pub bus: SharedBus,
 }

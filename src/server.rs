@@ -11,6 +11,7 @@ use std::time::Duration;
 use actix::{Arbiter, ArbiterHandle};
 use actix_web::{App, HttpServer};
 
+use crate::cluster::{LocalBus, RedisBus, SharedBus};
 use crate::config::{ConfigError, ServeConfig};
 use crate::council::Councils;
 use crate::node::Node;
@@ -28,6 +29,8 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("the Redis bus at --redis-url: {0}")]
+    Bus(#[from] crate::cluster::BusError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -67,11 +70,16 @@ pub async fn start_with_store(
         .node_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let bus: SharedBus = match &config.redis_url {
+        Some(url) => RedisBus::connect(url, &config.bus_prefix).await?,
+        None => LocalBus::new(),
+    };
     let registry = SessionRegistry::new(
         SessionDeps {
             store: store.clone(),
             limits: config.limits.clone(),
             node: node_id.clone(),
+            bus: bus.clone(),
         },
         handles,
     );
@@ -83,6 +91,8 @@ pub async fn start_with_store(
         retry_base: Duration::from_millis(limits.task_retry_base_ms),
         retry_max: Duration::from_millis(limits.task_retry_max_ms),
         max_output_bytes: limits.max_task_output_bytes,
+        sweep_every: Duration::from_millis(limits.task_sweep_ms.max(10)),
+        bus: bus.clone(),
     };
     // The scheduler and the councils get an arbiter of their own, so a burst of session work
     // never delays an assignment (and the reverse).
@@ -113,6 +123,7 @@ pub async fn start_with_store(
         limits: config.limits.clone(),
         scheduler,
         councils,
+        bus,
     });
 
     actix::spawn(crate::memory::trim_after_passivation(node.registry.clone()));

@@ -84,6 +84,16 @@ pub fn slow_consumer(kind: &'static str) {
     counter!("conclave_slow_consumers_total", "kind" => kind).increment(1);
 }
 
+/// A bus message that did not decode, dropped.
+pub fn bus_corrupt() {
+    counter!("conclave_bus_corrupt_total").increment(1);
+}
+
+/// Whether the cluster bus reaches the other nodes (1) or not (0).
+pub fn bus_up(up: bool) {
+    gauge!("conclave_bus_up").set(if up { 1.0 } else { 0.0 });
+}
+
 /// A session this node served was taken over by another node's lease.
 pub fn session_deposed() {
     counter!("conclave_sessions_deposed_total").increment(1);

@@ -269,8 +269,11 @@ async fn readyz(node: web::Data<Arc<Node>>) -> HttpResponse {
                 "error": "the scheduler failed repeatedly and was stopped",
             }))
         }
+        // A node whose bus is down still serves the sessions it owns: ready, but degraded.
         Ok(()) => HttpResponse::Ok().json(serde_json::json!({
             "status": "ready", "store": node.store.backend(), "node": node.id,
+            "bus": node.bus.kind(),
+            "bus_state": if node.bus.is_up() { "up" } else { "degraded" },
         })),
         Err(err) => HttpResponse::ServiceUnavailable().json(serde_json::json!({
             "status": "unavailable", "store": node.store.backend(), "error": err.to_string(),

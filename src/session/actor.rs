@@ -27,6 +27,7 @@ use super::messages::{
 use super::messages::{LeasesRenewed, Reattach};
 use super::ot::Operation;
 use super::registry::SessionRegistry;
+use crate::cluster::{Channel, ToOwner, decode_to_owner};
 use crate::protocol::frames::{DocSummary, PresenceEntry, ServerFrame};
 use crate::protocol::yjs;
 use crate::protocol::{DocName, ErrorCode, Refusal, SessionId, UserInfo};
@@ -247,8 +248,29 @@ impl SessionActor {
         ctx.stop();
     }
 
+    /// As the owner, takes the commands other nodes send this session over the bus.
+    fn listen_to_other_nodes(&mut self, ctx: &mut Context<Self>) {
+        let bus = self.registry.deps().bus.clone();
+        if bus.kind() == "local" {
+            return;
+        }
+        let channel = Channel::SessionIn(self.id.clone());
+        async move { bus.subscribe(&channel).await }
+            .into_actor(self)
+            .map(|subscribed, act, ctx| match subscribed {
+                Ok(commands) => {
+                    ctx.add_stream(commands.into_stream());
+                }
+                Err(err) => {
+                    tracing::warn!(session = %act.id, %err, "not listening to other nodes; their events for this session are not logged")
+                }
+            })
+            .spawn(ctx);
+    }
+
     fn on_loaded(
         &mut self,
+        ctx: &mut Context<Self>,
         fence: Fence,
         record: SessionRecord,
         tail: Vec<Event>,
@@ -257,6 +279,7 @@ impl SessionActor {
         self.fence = Some(fence);
         self.fenced_at = Instant::now();
         self.epoch = record.epoch;
+        self.listen_to_other_nodes(ctx);
         self.committed = record.offset;
         self.tail_bytes = tail.iter().map(|e| e.data.get().len()).sum();
         self.tail = tail.into();
@@ -901,7 +924,7 @@ impl Actor for SessionActor {
                     tracing::debug!(session = %act.id, "refusing to serve an archived session");
                 }
                 Ok(Ok((fence, record, tail, docs))) => match load_documents(docs) {
-                    Ok(docs) => act.on_loaded(fence, record, tail, docs),
+                    Ok(docs) => act.on_loaded(ctx, fence, record, tail, docs),
                     Err(err) => {
                         tracing::error!(session = %act.id, %err, "documents failed to load; not serving the session");
                         act.retire(ctx);
@@ -1036,7 +1059,22 @@ impl Handler<AppendEvent> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: AppendEvent, ctx: &mut Context<Self>) {
-        self.enqueue(msg.event, None, ctx);
+        if self.loaded {
+            return self.enqueue(msg.event, None, ctx);
+        }
+        if self.elsewhere.is_none() {
+            tracing::warn!(session = %self.id, kind = msg.event.kind.as_str(), "event not logged: the session is not served");
+            return;
+        }
+        // Another node owns the session: the event goes to it over the bus.
+        let bus = self.registry.deps().bus.clone();
+        let channel = Channel::SessionIn(self.id.clone());
+        let command = ToOwner::AppendEvent { event: msg.event }.encode();
+        actix::spawn(async move {
+            if let Err(err) = bus.publish(&channel, command).await {
+                tracing::warn!(%err, "event not forwarded to its session's owner");
+            }
+        });
     }
 }
 
@@ -1344,6 +1382,24 @@ impl Drop for SessionActor {
         self.registry
             .restart_crashed(self.id.clone(), self.generation, survivors);
     }
+}
+
+/// A command from another node, for this session's owner.
+impl StreamHandler<bytes::Bytes> for SessionActor {
+    fn handle(&mut self, payload: bytes::Bytes, ctx: &mut Context<Self>) {
+        match decode_to_owner(&payload) {
+            Some(ToOwner::AppendEvent { event }) if self.fence.is_some() => {
+                self.enqueue(event, None, ctx)
+            }
+            Some(ToOwner::AppendEvent { .. }) => {
+                tracing::warn!(session = %self.id, "an event for a session this node no longer owns was dropped");
+            }
+            None => {}
+        }
+    }
+
+    /// The bus subscription ends only with the actor; nothing to do.
+    fn finished(&mut self, _ctx: &mut Context<Self>) {}
 }
 
 impl Handler<LeasesRenewed> for SessionActor {

@@ -95,8 +95,8 @@ pub struct Event {
     pub data: Box<RawValue>,
 }
 
-/// An event before the log has given it an offset.
-#[derive(Debug, Clone)]
+/// An event before the log has given it an offset. It travels between nodes as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NewEvent {
     pub kind: EventKind,
     pub actor: Actor,

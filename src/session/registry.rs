@@ -17,6 +17,7 @@ use dashmap::DashMap;
 
 use super::actor::SessionActor;
 use super::messages::{Deliver, LeasesRenewed, Reattach};
+use crate::cluster::SharedBus;
 use crate::config::Limits;
 use crate::protocol::frames::ServerFrame;
 use crate::protocol::{ErrorCode, Refusal, SessionId};
@@ -30,6 +31,8 @@ pub struct SessionDeps {
     pub limits: Limits,
     /// This node's id: the owner named in the leases it takes.
     pub node: String,
+    /// How commands reach a session's owner on another node.
+    pub bus: SharedBus,
 }
 
 struct LiveSession {

@@ -15,4 +15,4 @@ pub use messages::{
 pub use model::*;
 #[cfg(feature = "fault-injection")]
 pub use scheduler::InjectSchedulerPanic;
-pub use scheduler::{SWEEP_EVERY, Scheduler, SchedulerConfig, raw_json};
+pub use scheduler::{Scheduler, SchedulerConfig, raw_json};

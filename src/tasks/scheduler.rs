@@ -11,8 +11,10 @@
 //!   session-log event, the `cancel` to a worker, the freed slot) happen only after its commit.
 //! - **Leases.** Each assignment carries a fresh lease, the fencing token every report must
 //!   match. Heartbeats renew a worker's leases in the store; a worker that goes away loses them
-//!   at once. A sweep every [`SWEEP_EVERY`] retries tasks whose lease lapsed or whose deadline
-//!   passed, whichever node assigned them.
+//!   at once. A sweep (every second by default) retries tasks whose lease lapsed or whose
+//!   deadline passed, whichever node assigned them.
+//! - **Wake-ups.** A node that queues tasks says so on the bus (`Channel::Tasks`), so every
+//!   node's scheduler claims at once instead of at its next sweep.
 //! - **Retries** back off exponentially with jitter until `max_attempts`, then fail for good,
 //!   keeping the last error.
 
@@ -34,6 +36,7 @@ use super::model::{
     Claim, ClaimedTask, Expect, NewTask, Outcome, Renewal, Settled, Settlement, TaskRecord,
     TaskState, TaskWrites,
 };
+use crate::cluster::{Channel, SharedBus};
 use crate::protocol::worker::{Assignment, WorkerFrame};
 use crate::protocol::{ErrorCode, LeaseId, Refusal, SessionId, TaskId, TaskKind, WorkerId};
 use crate::session::log::{Actor as LogActor, EventKind, NewEvent, TaskEventData};
@@ -41,14 +44,11 @@ use crate::session::{AppendEvent, SessionRegistry};
 use crate::store::{SharedStore, StoreError};
 use crate::telemetry;
 
-/// How often expired leases and deadlines are swept, and the queue looked at again.
-pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
 /// Expired leases retried per sweep.
 const SWEEP_BATCH: u32 = 500;
 
 /// The scheduler's settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SchedulerConfig {
     pub node: String,
     /// Workers heartbeat this often; a lease lapses after three missed heartbeats.
@@ -58,6 +58,10 @@ pub struct SchedulerConfig {
     pub retry_max: Duration,
     /// The largest task output accepted, in bytes of JSON.
     pub max_output_bytes: usize,
+    /// How often expired leases and deadlines are swept, and the queue looked at again.
+    pub sweep_every: Duration,
+    /// Where wake-ups go to, and come from, the other nodes.
+    pub bus: SharedBus,
 }
 
 impl SchedulerConfig {
@@ -240,6 +244,20 @@ impl Scheduler {
         }
     }
 
+    /// Tells the other nodes' schedulers that tasks were queued.
+    fn wake_other_nodes(&self) {
+        let bus = self.config.bus.clone();
+        if bus.kind() == "local" {
+            return;
+        }
+        let node = bytes::Bytes::from(self.config.node.clone());
+        actix::spawn(async move {
+            if let Err(err) = bus.publish(&Channel::Tasks, node).await {
+                tracing::debug!(%err, "task wake-up not sent; other nodes find the tasks at their sweep");
+            }
+        });
+    }
+
     fn queue_changed(&mut self, ctx: &mut Context<Self>) {
         self.queue_generation += 1;
         self.try_claim(ctx);
@@ -324,6 +342,7 @@ impl Scheduler {
         }
         if inserted_any {
             self.queue_changed(ctx);
+            self.wake_other_nodes();
         } else {
             self.try_claim(ctx);
         }
@@ -817,7 +836,21 @@ impl Actor for Scheduler {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(SWEEP_EVERY, |act, ctx| act.sweep(ctx));
+        ctx.run_interval(self.config.sweep_every, |act, ctx| act.sweep(ctx));
+        if self.config.bus.kind() != "local" {
+            let bus = self.config.bus.clone();
+            async move { bus.subscribe(&Channel::Tasks).await }
+                .into_actor(self)
+                .map(|subscribed, act, ctx| match subscribed {
+                    Ok(wakeups) => {
+                        ctx.add_stream(wakeups.into_stream());
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, node = %act.config.node, "no task wake-ups from other nodes; the sweep still finds their tasks");
+                    }
+                })
+                .spawn(ctx);
+        }
     }
 }
 
@@ -913,6 +946,18 @@ impl Handler<InjectSchedulerPanic> for Scheduler {
             self.config.node
         );
     }
+}
+
+/// A wake-up from the bus: some node queued tasks (this one's own are skipped).
+impl StreamHandler<bytes::Bytes> for Scheduler {
+    fn handle(&mut self, from: bytes::Bytes, ctx: &mut Context<Self>) {
+        if from.as_ref() != self.config.node.as_bytes() {
+            self.queue_changed(ctx);
+        }
+    }
+
+    /// The wake-ups stream never ends on its own; if it does, the sweep carries on alone.
+    fn finished(&mut self, _ctx: &mut Context<Self>) {}
 }
 
 impl Handler<RegisterWorker> for Scheduler {
