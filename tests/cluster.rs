@@ -498,18 +498,7 @@ async fn a_corrupt_bus_command_is_dropped_and_counted() {
         bus.publish(&Channel::SessionIn(session.clone()), "{not json".into())
             .await
             .expect("publish");
-        let metrics = common::http()
-            .get(format!("{}/metrics", a.http_url()))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        if metrics
-            .lines()
-            .any(|l| l.starts_with("conclave_bus_corrupt_total") && !l.ends_with(" 0"))
-        {
+        if common::metric(&a.http_url(), "conclave_bus_corrupt_total", "").await >= 1.0 {
             break;
         }
         assert!(

@@ -90,6 +90,18 @@ async fn open(base: &str, session: &str, body: Value) -> String {
     council["id"].as_str().expect("council id").to_owned()
 }
 
+/// Waits for the review phase in the session log: its event, and the labels it shows.
+async fn review_labels(client: &mut WsClient) -> (Value, Vec<String>) {
+    let phase = client
+        .recv_until(|f| f["kind"] == "council.phase" && f["data"]["phase"] == "review")
+        .await;
+    let labels = phase["data"]["proposals"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    (phase, labels)
+}
+
 async fn wait_concluded(base: &str, id: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;
     loop {
@@ -463,13 +475,7 @@ async fn a_person_is_a_member_and_bad_ballots_are_audited() {
     assert_eq!(ada.recv_until(|f| f["ref"] == "p1").await["type"], "ack");
 
     // The review phase shows the labeled proposals in the session log.
-    let phase = ada
-        .recv_until(|f| f["kind"] == "council.phase" && f["data"]["phase"] == "review")
-        .await;
-    let labels: Vec<String> = phase["data"]["proposals"]
-        .as_object()
-        .map(|o| o.keys().cloned().collect())
-        .unwrap_or_default();
+    let (phase, labels) = review_labels(&mut ada).await;
     assert_eq!(labels.len(), 2, "{phase}");
     // Ranking every label includes Ada's own: an invalid ballot, audited, not a crash.
     ada.send(
@@ -530,13 +536,7 @@ async fn a_member_reads_its_own_label_and_nobody_else_does() {
     )
     .await;
     assert_eq!(ada.recv_until(|f| f["ref"] == "p").await["type"], "ack");
-    let phase = ada
-        .recv_until(|f| f["kind"] == "council.phase" && f["data"]["phase"] == "review")
-        .await;
-    let labels: Vec<String> = phase["data"]["proposals"]
-        .as_object()
-        .map(|o| o.keys().cloned().collect())
-        .unwrap_or_default();
+    let (phase, labels) = review_labels(&mut ada).await;
     assert_eq!(labels.len(), 3, "{phase}");
 
     // The view is saved a moment after the phase is announced: read until it has caught up.

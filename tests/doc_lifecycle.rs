@@ -161,18 +161,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 async fn live_sessions(base: &str) -> u64 {
-    let text = common::http()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix("conclave_sessions_live "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    common::metric(base, "conclave_sessions_live", "").await as u64
 }
 
 /// Touch 10,000 sessions once; after the idle timeout they passivate, and the node gives most of

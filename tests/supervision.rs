@@ -29,20 +29,8 @@ async fn metric(server: &TestServer, name: &str) -> u64 {
     metric_where(server, name, "").await
 }
 
-/// The sum of a metric's series whose line contains `label` (e.g. `kind="council"`).
 async fn metric_where(server: &TestServer, name: &str, label: &str) -> u64 {
-    let text = common::http()
-        .get(format!("{}/metrics", server.http_url()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    common::metric(&server.http_url(), name, label).await as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

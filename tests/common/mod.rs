@@ -1016,3 +1016,21 @@ pub async fn send_with(request: reqwest::RequestBuilder) -> (u16, Value) {
 pub fn unique_session(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
 }
+
+/// The sum of the series of metric `name` whose line contains `label` (e.g. `kind="council"`,
+/// or "" for all), scraped from the node at `base`.
+pub async fn metric(base: &str, name: &str, label: &str) -> f64 {
+    let text = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the /metrics text");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter(|l| l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
