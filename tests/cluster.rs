@@ -510,3 +510,47 @@ async fn a_corrupt_bus_command_is_dropped_and_counted() {
     // The session goes on.
     ada.chat("corrupt", "still fine").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_degrades_the_bus_but_a_node_serves_its_sessions() {
+    let mut redis = PrivateRedis::start();
+    let pg = PgDatabase::create();
+    let (db, url) = (pg.url.clone(), redis.url());
+    let node = TestServer::sqlite_with(move |config| {
+        config.database_url = Some(db);
+        config.redis_url = Some(url);
+        config.bus_prefix = "outage".into();
+    });
+    let ready = || async { common::get_json(&format!("{}/readyz", node.http_url())).await };
+    let mut ada = WsClient::connect_hello(&node.ws_url(), "Ada").await;
+    ada.join("through-the-outage", None, None).await;
+    let before = ada.chat("through-the-outage", "before").await;
+
+    redis.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = ready().await;
+        assert_eq!(status, 200, "a bus outage made the node unready: {body}");
+        if body["bus_state"] == "degraded" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outage was not reported: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The node's own session is served and acked as ever.
+    let during = ada.chat("through-the-outage", "during").await;
+    assert_eq!(during, before + 1);
+
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ready().await.1["bus_state"] != "up" {
+        assert!(Instant::now() < deadline, "the bus did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ada.chat("through-the-outage", "after").await, during + 1);
+    let events = all_events(&node.http_url(), "through-the-outage").await;
+    assert_gap_free(&events, 1);
+}
