@@ -21,7 +21,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -31,6 +30,11 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+#[path = "support/scratch_db.rs"]
+mod scratch_db;
+
+use scratch_db::ScratchDatabase;
+
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The longest wait for any single frame from the server.
@@ -39,10 +43,6 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(15);
 const NODE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Latencies are recorded in microseconds, up to a minute.
 const MAX_LATENCY_US: u64 = 60_000_000;
-/// Where the bench creates and drops its PostgreSQL database (trust auth, loopback only).
-const PG_HOST: &str = "127.0.0.1";
-const PG_PORT: &str = "5432";
-const PG_USER: &str = "postgres";
 
 // ---- parameters ----------------------------------------------------------------------------
 
@@ -174,53 +174,6 @@ impl NodeThread {
                 }
             }
             Err(_) => eprintln!("warning: the node did not shut down within {NODE_TIMEOUT:?}"),
-        }
-    }
-}
-
-/// A PostgreSQL database made for one run, dropped when this goes out of scope.
-struct ScratchDatabase {
-    name: String,
-}
-
-fn psql(sql: &str) -> anyhow::Result<()> {
-    let output = Command::new("psql")
-        .args([
-            "-h", PG_HOST, "-p", PG_PORT, "-U", PG_USER, "-d", "postgres",
-        ])
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .env("PGCONNECT_TIMEOUT", "10")
-        .output()
-        .context("running psql (is the PostgreSQL client installed?)")?;
-    if !output.status.success() {
-        bail!(
-            "psql -c {sql:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-impl ScratchDatabase {
-    fn create() -> anyhow::Result<Self> {
-        let name = format!("conclave_bench_{}", uuid::Uuid::now_v7().simple());
-        psql(&format!("CREATE DATABASE {name}"))?;
-        Ok(Self { name })
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://{PG_USER}@{PG_HOST}:{PG_PORT}/{}", self.name)
-    }
-}
-
-impl Drop for ScratchDatabase {
-    fn drop(&mut self) {
-        match psql(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )) {
-            Ok(()) => println!("dropped database {}", self.name),
-            Err(err) => eprintln!("warning: could not drop database {}: {err:#}", self.name),
         }
     }
 }
@@ -582,7 +535,7 @@ fn run_backend(params: &Params, backend: Backend) -> anyhow::Result<Outcome> {
         Backend::Sqlite => None,
         Backend::Postgres => {
             let database = ScratchDatabase::create()?;
-            println!("created database {}", database.name);
+            println!("created database {}", database.name());
             config.database_url = Some(database.url());
             Some(database)
         }

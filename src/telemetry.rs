@@ -3,16 +3,25 @@
 //!
 //! Call sites use the small functions here rather than the `metrics` macros, so a series' name
 //! and labels are written once.
+//!
+//! The standard Prometheus process series (`process_resident_memory_bytes`, `process_open_fds`,
+//! `process_virtual_memory_bytes`, CPU seconds, threads, …) come from `metrics-process`, read from
+//! `/proc/self` at each scrape: `conclave load idle` divides the resident memory by the sockets
+//! open, and an operator sees memory and descriptors without a node exporter.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_process::Collector;
 
 use crate::protocol::ErrorCode;
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Reads the process series into the recorder; described once, collected at every render.
+static PROCESS: OnceLock<Collector> = OnceLock::new();
 
 /// Installs the process-wide recorder (idempotent: tests start many servers in one process).
 pub fn install() {
@@ -24,7 +33,10 @@ pub fn install() {
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
             .and_then(|builder| builder.install_recorder());
         match built {
-            Ok(handle) => Some(handle),
+            Ok(handle) => {
+                PROCESS.get_or_init(Collector::default).describe();
+                Some(handle)
+            }
             Err(err) => {
                 tracing::error!(%err, "metrics recorder could not be installed; /metrics is empty");
                 None
@@ -33,13 +45,15 @@ pub fn install() {
     });
 }
 
-/// The Prometheus text exposition of every series.
+/// The Prometheus text exposition of every series, with the process figures read just now.
 pub fn render() -> String {
-    RECORDER
-        .get()
-        .and_then(Option::as_ref)
-        .map(PrometheusHandle::render)
-        .unwrap_or_default()
+    let Some(handle) = RECORDER.get().and_then(Option::as_ref) else {
+        return String::new();
+    };
+    if let Some(process) = PROCESS.get() {
+        process.collect();
+    }
+    handle.render()
 }
 
 pub fn connection_opened(kind: &'static str) {

@@ -1,6 +1,10 @@
 //! The `idle` scenario: N sockets that say hello, join a session and then only keep alive, to
 //! measure what an open connection costs the server in resident memory.
 //!
+//! With `--protocol yjs` the sockets open Yjs rooms instead (`{url}/<prefix>-<i>/idle`, synced
+//! once with an empty document, in the `--framing` of the server), so the same measure applies to
+//! Conclave's `/v1/yjs` and to any y-websocket or Hocuspocus server.
+//!
 //! Memory is read before the first socket opens and again once all are open and settled: from
 //! `/proc/PID/status` (`VmRSS`) with `--pid`, or else from the server's `/metrics`
 //! (`process_resident_memory_bytes`) if it exports it. The difference divided by the sockets
@@ -11,20 +15,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use clap::Args;
-use futures_util::StreamExt as _;
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use url::Url;
+use yrs::sync::SyncMessage;
+use yrs::{Doc, ReadTxn as _, Transact as _};
 
 use super::conduct::{
     Conductor, Cue, Phase, Plan, close_limit, connections, gather, outcome, ramp_delay, ramp_limit,
     stage,
 };
+use super::framing::{Codec, Framing, Incoming};
 use super::progress::{Live, Progress, Track};
 use super::report::{Memory, Report};
 use super::stats::Errors;
 use super::target::Target;
-use super::ws;
+use super::ws::{self, Failure, Socket};
 use super::{CommonArgs, LoadError};
 
 /// How long after the last socket opens before memory is read: the joins' broadcasts and the
@@ -38,8 +47,8 @@ pub struct IdleArgs {
     /// Sockets to hold open.
     #[arg(long, default_value_t = 1000)]
     pub count: usize,
-    /// Sessions the sockets join, round-robin (the server admits 1000 members per session by
-    /// default).
+    /// Sessions (or Yjs rooms) the sockets join, round-robin (Conclave admits 1000 members per
+    /// session by default).
     #[arg(long, default_value_t = 100)]
     pub sessions: usize,
     /// The server's process id: resident memory is read from /proc/PID/status.
@@ -48,6 +57,20 @@ pub struct IdleArgs {
     /// How long to hold the sockets once all are open.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// What the sockets speak: `native` joins sessions on /v1/ws; `yjs` opens Yjs rooms
+    /// (default URL ws://127.0.0.1:8080/v1/yjs).
+    #[arg(long, value_enum, default_value_t = IdleProtocol::Native)]
+    pub protocol: IdleProtocol,
+    /// The Yjs server's envelope, with `--protocol yjs`.
+    #[arg(long, value_enum, default_value_t = Framing::YWebsocket)]
+    pub framing: Framing,
+}
+
+/// The protocol of the idle sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IdleProtocol {
+    Native,
+    Yjs,
 }
 
 /// Where the server's resident memory is read.
@@ -108,10 +131,97 @@ pub fn parse_prometheus_rss(text: &str) -> Option<u64> {
 }
 
 struct Ctx {
-    url: Url,
-    token: Option<String>,
+    target: Target,
+    protocol: IdleProtocol,
+    framing: Framing,
     timeout: Duration,
     live: Arc<Live>,
+}
+
+impl Ctx {
+    /// Opens socket `name` in `room` (a session, or a Yjs room) and waits until the server has
+    /// taken it in: joined, or synced.
+    async fn open(&self, name: &str, room: &str) -> Result<Socket, Failure> {
+        match self.protocol {
+            IdleProtocol::Native => {
+                let url = self.target.socket("/v1/ws", false);
+                let token = self.target.token();
+                let joined = ws::join_session(&url, token, name, room, None, self.timeout).await?;
+                Ok(joined.0)
+            }
+            IdleProtocol::Yjs => {
+                let url = self.target.socket(room, true);
+                let codec = Codec::new(self.framing, room);
+                let mut ws = ws::connect(&url, self.timeout).await?;
+                let synced = sync_empty(&mut ws, &codec, self.target.token(), self.timeout).await;
+                match synced {
+                    Ok(()) => Ok(ws),
+                    Err(failure) => {
+                        ws::close(&mut ws).await;
+                        Err(failure)
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send(ws: &mut Socket, frame: Bytes) -> Result<(), Failure> {
+    ws.send(Message::Binary(frame))
+        .await
+        .map_err(|err| Failure::new("send", err.to_string()))
+}
+
+/// Syncs an empty document in a Yjs room, as a provider does on connect: auth (Hocuspocus), sync
+/// step 1, then reads until the server's sync step 2, answering its step 1.
+async fn sync_empty(
+    ws: &mut Socket,
+    codec: &Codec,
+    token: Option<&str>,
+    limit: Duration,
+) -> Result<(), Failure> {
+    let deadline = Instant::now() + limit;
+    let doc = Doc::new();
+    if let Some(hello) = codec.hello(token) {
+        send(ws, hello).await?;
+    }
+    let step1 = codec.sync(SyncMessage::SyncStep1(doc.transact().state_vector()));
+    send(ws, step1).await?;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return Err(Failure::new("timeout", "no sync step 2 in time")),
+            Ok(Some(Ok(Message::Binary(frame)))) => frame,
+            Ok(Some(Ok(Message::Close(close)))) => {
+                return Err(Failure::new(
+                    "closed",
+                    format!("closed while syncing: {close:?}"),
+                ));
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(err))) => return Err(Failure::new("closed", err.to_string())),
+            Ok(None) => return Err(Failure::new("closed", "the stream ended while syncing")),
+        };
+        for message in codec.decode(&frame) {
+            match message {
+                Ok(Incoming::Sync(SyncMessage::SyncStep2(_))) => return Ok(()),
+                Ok(Incoming::Sync(SyncMessage::SyncStep1(sv))) => {
+                    let diff = doc.transact().encode_state_as_update_v1(&sv);
+                    send(ws, codec.sync(SyncMessage::SyncStep2(diff))).await?;
+                }
+                Ok(Incoming::Denied(reason)) => {
+                    return Err(Failure::new("permission_denied", reason));
+                }
+                Ok(Incoming::TokenRequest) => {
+                    if let Some(hello) = codec.hello(token) {
+                        send(ws, hello).await?;
+                    }
+                }
+                Ok(Incoming::Closed(reason)) => return Err(Failure::new("closed", reason)),
+                Ok(Incoming::Authenticated | Incoming::Other | Incoming::Sync(_)) => {}
+                Err(err) => return Err(Failure::new("bad_frame", err.0)),
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -136,17 +246,8 @@ async fn socket_task(
         return out;
     }
     let name = format!("idle-{index}");
-    let joined = ws::join_session(
-        &ctx.url,
-        ctx.token.as_deref(),
-        &name,
-        &session,
-        None,
-        ctx.timeout,
-    )
-    .await;
-    let mut ws = match joined {
-        Ok((ws, _)) => ws,
+    let mut ws = match ctx.open(&name, &session).await {
+        Ok(ws) => ws,
         Err(failure) => {
             Live::bump(&ctx.live.failed);
             out.errors
@@ -186,7 +287,10 @@ pub async fn run(args: IdleArgs) -> Result<Report, LoadError> {
             "--count must be 1 to 200000 and --sessions at least 1".into(),
         ));
     }
-    let raw_url = common.url.as_deref().unwrap_or("ws://127.0.0.1:8080");
+    let raw_url = common.url.as_deref().unwrap_or(match args.protocol {
+        IdleProtocol::Native => "ws://127.0.0.1:8080",
+        IdleProtocol::Yjs => "ws://127.0.0.1:8080/v1/yjs",
+    });
     let target = Target::resolve(raw_url, common.token.clone(), common.allow_remote).await?;
     let http = reqwest::Client::builder().timeout(common.timeout).build()?;
     let source = match args.pid {
@@ -205,8 +309,9 @@ pub async fn run(args: IdleArgs) -> Result<Report, LoadError> {
     let prefix = common.prefix();
     let live = Arc::new(Live::default());
     let ctx = Arc::new(Ctx {
-        url: target.socket("/v1/ws", false),
-        token: target.token().map(str::to_owned),
+        target: target.clone(),
+        protocol: args.protocol,
+        framing: args.framing,
         timeout: common.timeout,
         live: live.clone(),
     });
@@ -219,7 +324,10 @@ pub async fn run(args: IdleArgs) -> Result<Report, LoadError> {
             tokio::spawn(socket_task(
                 ctx.clone(),
                 i,
-                format!("{prefix}-{}", i % args.sessions),
+                match args.protocol {
+                    IdleProtocol::Native => format!("{prefix}-{}", i % args.sessions),
+                    IdleProtocol::Yjs => format!("{prefix}-{}/idle", i % args.sessions),
+                },
                 ramp_delay(i, total, common.ramp_up),
                 conductor.cue(i),
             ))
@@ -252,8 +360,24 @@ pub async fn run(args: IdleArgs) -> Result<Report, LoadError> {
         .await;
     let results = gather(handles, close_limit(common), progress).await?;
 
-    let mut report = Report::of_run("idle", ctx.url.to_string(), timeline);
+    let url = match args.protocol {
+        IdleProtocol::Native => target.socket("/v1/ws", false).to_string(),
+        IdleProtocol::Yjs => format!(
+            "{}/{prefix}-<i>/idle",
+            target.url().as_str().trim_end_matches('/')
+        ),
+    };
+    let mut report = Report::of_run("idle", url, timeline);
     report.param("count", args.count);
+    if args.protocol == IdleProtocol::Yjs {
+        report.param(
+            "protocol",
+            match args.framing {
+                Framing::YWebsocket => "yjs",
+                Framing::Hocuspocus => "yjs (hocuspocus)",
+            },
+        );
+    }
     report.param("sessions", args.sessions);
     report.param(
         "hold",

@@ -7,9 +7,9 @@
 //! | scenario | what it drives |
 //! |---|---|
 //! | `native` | S sessions × C clients on `/v1/ws`: chat (and optionally OT edits) at a fixed rate |
-//! | `yjs` | S documents × C clients speaking y-websocket, each holding a `yrs` document |
+//! | `yjs` | S documents × C clients speaking y-websocket (or Hocuspocus's framing), each holding a `yrs` document |
 //! | `tasks` | W workers on `/v1/workers` completing `load.noop` tasks submitted over `/v1/ws` |
-//! | `idle` | N idle sockets, to measure the server's resident memory per socket |
+//! | `idle` | N idle sockets (native, or Yjs rooms on any Yjs server), to measure the server's resident memory per socket |
 //!
 //! Every scenario shares one timeline ([`conduct`]): connections open evenly over `--ramp-up`,
 //! then the measured phase runs for `--duration` (or until `--count` is reached, or Ctrl-C),
@@ -18,6 +18,7 @@
 //! loopback are refused unless `--allow-remote` is given ([`target`]).
 
 pub mod conduct;
+pub mod framing;
 pub mod idle;
 pub mod native;
 pub mod progress;
@@ -46,13 +47,15 @@ pub enum Scenario {
     /// Chat (and OT edits) over /v1/ws: S sessions × C clients; ack and broadcast latency,
     /// deliveries/s, convergence of every session's event sequence and document.
     Native(native::NativeArgs),
-    /// y-websocket clients with yrs documents on any y-websocket URL; broadcast latency,
-    /// deliveries/s, convergence of every document's text.
+    /// y-websocket clients with yrs documents on any y-websocket (or, with `--framing
+    /// hocuspocus`, Hocuspocus) URL; broadcast latency, deliveries/s, convergence of every
+    /// document's text.
     Yjs(yjs::YjsArgs),
     /// Workers on /v1/workers completing no-op tasks submitted over /v1/ws; tasks/s and
     /// submit→completed latency.
     Tasks(tasks::TasksArgs),
-    /// N idle sockets held open; the server's resident memory per socket.
+    /// N idle sockets held open (native, or Yjs rooms with `--protocol yjs`); the server's
+    /// resident memory per socket.
     Idle(idle::IdleArgs),
 }
 

@@ -5,7 +5,8 @@
 //! `WebsocketProvider(url, room, doc)` does, so the same run works against Conclave
 //! (`ws://HOST/v1/yjs`) and a stock y-websocket server (`ws://HOST:1234`). Framing (varint
 //! message type 0 sync with step 1 / step 2 / update, 1 awareness) is `crate::protocol::yjs`,
-//! which is `yrs::sync`'s encoding.
+//! which is `yrs::sync`'s encoding. With `--framing hocuspocus` every message is addressed to
+//! the room as Hocuspocus 4 expects, after an auth message ([`framing`](super::framing)).
 //!
 //! Each send appends a marker `<client:unix µs>` to the `Y.Text` named `content` and sends the
 //! update. Receivers observe the text: every inserted marker from another client is one
@@ -23,7 +24,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::time::{Instant, Interval};
 use tokio_tungstenite::tungstenite::Message;
 use url::Url;
-use yrs::sync::{Message as YMessage, SyncMessage};
+use yrs::sync::SyncMessage;
 use yrs::types::Delta;
 use yrs::updates::decoder::Decode as _;
 use yrs::{Any, Doc, GetString as _, Observable as _, OffsetKind, Options, Out, ReadTxn as _};
@@ -32,13 +33,13 @@ use yrs::{Text as _, TextRef, Transact as _, Update};
 use super::conduct::{
     Cue, Phase, Senders, connections, outcome, run_senders, stage, tick, ticker_for,
 };
+use super::framing::{Codec, Framing, Incoming};
 use super::progress::Live;
 use super::report::{Convergence, Report};
 use super::stats::{Errors, Latency, fnv1a, now_us};
 use super::target::Target;
 use super::ws::{self, Failure, Socket};
 use super::{CommonArgs, LoadError, measured_bound};
-use crate::protocol::yjs as frames;
 
 #[derive(Debug, Clone, Args)]
 pub struct YjsArgs {
@@ -62,6 +63,10 @@ pub struct YjsArgs {
     /// Updates per client.
     #[arg(long)]
     pub count: Option<u64>,
+    /// The server's envelope: y-websocket (Conclave, the y-websocket server) or hocuspocus
+    /// (Hocuspocus 4, whose messages carry the document name).
+    #[arg(long, value_enum, default_value_t = Framing::YWebsocket)]
+    pub framing: Framing,
 }
 
 impl YjsArgs {
@@ -95,6 +100,7 @@ struct DocShared {
 
 struct Ctx {
     target: Target,
+    framing: Framing,
     timeout: Duration,
     period: Duration,
     count: Option<u64>,
@@ -160,6 +166,7 @@ fn observed_doc() -> (Doc, TextRef, Inbox) {
 struct Client {
     index: u32,
     ws: Socket,
+    codec: Codec,
     doc: Doc,
     text: TextRef,
     inbox: Inbox,
@@ -212,31 +219,41 @@ impl Client {
         }
     }
 
-    /// Handles one binary frame; returns the frames to answer with.
-    fn on_frame(&mut self, frame: &[u8]) -> Vec<Bytes> {
+    /// Handles one binary frame; returns the frames to answer with, or why the server ended
+    /// this client (a Hocuspocus close).
+    fn on_frame(&mut self, frame: &[u8]) -> Result<Vec<Bytes>, Failure> {
         let mut replies = Vec::new();
-        for message in frames::decode(frame) {
+        for message in self.codec.decode(frame) {
             match message {
-                Ok(YMessage::Sync(SyncMessage::SyncStep1(sv))) => {
+                Ok(Incoming::Sync(SyncMessage::SyncStep1(sv))) => {
                     let diff = self.doc.transact().encode_state_as_update_v1(&sv);
-                    replies.push(frames::sync_step2(diff));
+                    replies.push(self.codec.sync(SyncMessage::SyncStep2(diff)));
                 }
-                Ok(YMessage::Sync(SyncMessage::SyncStep2(data))) => {
+                Ok(Incoming::Sync(SyncMessage::SyncStep2(data))) => {
                     self.apply(&data);
                     self.synced = true;
                 }
-                Ok(YMessage::Sync(SyncMessage::Update(data))) => {
+                Ok(Incoming::Sync(SyncMessage::Update(data))) => {
                     self.out.updates_received += 1;
                     self.apply(&data);
                 }
-                Ok(YMessage::Auth(Some(reason))) => {
+                Ok(Incoming::Denied(reason)) => {
                     self.error(Failure::new("permission_denied", reason));
                 }
-                Ok(_) => {}
-                Err(err) => self.error(Failure::new("bad_frame", err.to_string())),
+                Ok(Incoming::TokenRequest) => {
+                    replies.extend(self.codec.hello(self.ctx.target.token()));
+                }
+                Ok(Incoming::Closed(reason)) => {
+                    return Err(Failure::new(
+                        "closed",
+                        format!("the server closed the document: {reason}"),
+                    ));
+                }
+                Ok(Incoming::Authenticated | Incoming::Other) => {}
+                Err(err) => self.error(Failure::new("bad_frame", err.0)),
             }
         }
-        replies
+        Ok(replies)
     }
 
     async fn send(&mut self, frame: Bytes) -> Result<(), Failure> {
@@ -246,15 +263,21 @@ impl Client {
             .map_err(|err| Failure::new("send", err.to_string()))
     }
 
-    /// Reads until the server answered our sync step 1, or `deadline`.
+    /// Reads until the server answered our sync step 1, or `deadline`. Hocuspocus gets the
+    /// auth message first; it holds the sync step 1 until the token is accepted.
     async fn sync(&mut self, deadline: Instant) -> Result<(), Failure> {
-        let step1 = frames::sync_step1(self.doc.transact().state_vector());
+        if let Some(hello) = self.codec.hello(self.ctx.target.token()) {
+            self.send(hello).await?;
+        }
+        let step1 = self
+            .codec
+            .sync(SyncMessage::SyncStep1(self.doc.transact().state_vector()));
         self.send(step1).await?;
         while !self.synced {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {
                 Err(_) => return Err(Failure::new("timeout", "no sync step 2 in time")),
                 Ok(Some(Ok(Message::Binary(frame)))) => {
-                    for reply in self.on_frame(&frame) {
+                    for reply in self.on_frame(&frame)? {
                         self.send(reply).await?;
                     }
                 }
@@ -289,7 +312,8 @@ impl Client {
         self.out.sent += 1;
         self.shared.sent.fetch_add(1, Ordering::Relaxed);
         Live::bump(&self.ctx.live.sent);
-        self.send(frames::update(update)).await
+        self.send(self.codec.sync(SyncMessage::Update(update)))
+            .await
     }
 
     fn drained(&self) -> bool {
@@ -317,14 +341,17 @@ impl Client {
             tokio::select! {
                 _ = self.cue.changed() => {}
                 message = self.ws.next() => match message {
-                    Some(Ok(Message::Binary(frame))) => {
-                        for reply in self.on_frame(&frame) {
-                            if let Err(failure) = self.send(reply).await {
-                                self.out.dropped = Some(failure.detail);
-                                break;
+                    Some(Ok(Message::Binary(frame))) => match self.on_frame(&frame) {
+                        Ok(replies) => {
+                            for reply in replies {
+                                if let Err(failure) = self.send(reply).await {
+                                    self.out.dropped = Some(failure.detail);
+                                    break;
+                                }
                             }
                         }
-                    }
+                        Err(failure) => self.out.dropped = Some(failure.detail),
+                    },
                     Some(Ok(Message::Close(close))) => {
                         self.out.dropped = Some(format!("closed by the server: {close:?}"));
                     }
@@ -387,6 +414,7 @@ async fn client_task(
     let mut client = Client {
         index,
         ws,
+        codec: Codec::new(ctx.framing, shared.room.clone()),
         doc,
         text,
         inbox,
@@ -421,6 +449,7 @@ pub async fn run(args: YjsArgs) -> Result<Report, LoadError> {
     let live = Arc::new(Live::default());
     let ctx = Arc::new(Ctx {
         target: target.clone(),
+        framing: args.framing,
         timeout: common.timeout,
         period: Duration::from_secs_f64(1.0 / args.rate),
         count: args.count,
@@ -467,6 +496,9 @@ pub async fn run(args: YjsArgs) -> Result<Report, LoadError> {
     report.param("documents", args.sessions);
     report.param("clients", args.clients);
     report.param("rate", args.rate);
+    if args.framing == Framing::Hocuspocus {
+        report.param("framing", "hocuspocus");
+    }
     report.param(
         "ramp_up",
         humantime::format_duration(common.ramp_up).to_string(),
@@ -556,7 +588,9 @@ fn converge(shared: &[Arc<DocShared>], results: &[ClientResult]) -> Convergence 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::yjs as frames;
     use yrs::StateVector;
+    use yrs::sync::Message as YMessage;
 
     #[test]
     fn markers_parse_from_merged_inserts() {

@@ -1,0 +1,138 @@
+//! Criterion: one group commit of a session's events, straight into the store, as the session
+//! actor makes it (`Store::commit_batch`: one transaction, the events inserted in one statement,
+//! then the commit, durable before it returns), for batches of 1, 16 and 128 chat events.
+//!
+//! SQLite runs in a temporary directory (WAL, `synchronous=FULL`, so every commit is an `fsync`
+//! of the filesystem behind `TMPDIR`); PostgreSQL in a fresh database on 127.0.0.1:5432, created
+//! and dropped with `psql`. The log grows as the bench runs, as a live session's does.
+//!
+//! ```text
+//! cargo bench --bench event_commit
+//! BENCH_BACKENDS=sqlite cargo bench --bench event_commit -- 'sqlite/16'
+//! ```
+
+#[path = "support/scratch_db.rs"]
+mod scratch_db;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use conclave::protocol::SessionId;
+use conclave::session::log::{Actor, Event, EventKind};
+use conclave::store::{Ownership, PgStore, SharedStore, SqliteStore, Store as _};
+use criterion::{BenchmarkId, Criterion, Throughput};
+use scratch_db::ScratchDatabase;
+use serde_json::value::RawValue;
+use tokio::runtime::Runtime;
+
+const BATCH_SIZES: [u64; 3] = [1, 16, 128];
+
+/// A chat as the session log stores it: a short text and the client's ref.
+fn chat(offset: u64) -> Event {
+    let data =
+        format!(r#"{{"text":"message {offset}: the quick brown fox jumps over the lazy dog"}}"#);
+    Event {
+        offset,
+        kind: EventKind::Chat,
+        actor: Actor {
+            id: "u-bench".into(),
+            name: "bench".into(),
+        },
+        at: Utc::now(),
+        data: RawValue::from_string(data).expect("literal JSON"),
+    }
+}
+
+/// Benches every batch size on `store`, each in a session of its own, with offsets that go on
+/// from one iteration to the next as the log's do.
+fn bench_store(c: &mut Criterion, runtime: &Runtime, label: &str, store: SharedStore) {
+    let mut group = c.benchmark_group(format!("event_commit/{label}"));
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    for size in BATCH_SIZES {
+        let session = SessionId::parse(&format!("bench-{size}")).expect("valid session name");
+        runtime
+            .block_on(store.open_session(&session))
+            .expect("creating the bench session");
+        // The session's lease, as its owner holds it: on PostgreSQL every commit is fenced on it.
+        let fence = match runtime
+            .block_on(store.acquire_session(&session, "bench", Duration::from_secs(3600)))
+            .expect("taking the session's lease")
+        {
+            Ownership::Acquired(fence) => fence,
+            Ownership::HeldBy { node, .. } => panic!("the bench session is held by {node}"),
+        };
+        let next = Arc::new(AtomicU64::new(1));
+        group.throughput(Throughput::Elements(size));
+        group.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, &size| {
+            b.to_async(runtime).iter_custom(|iters| {
+                let store = store.clone();
+                let (session, fence) = (session.clone(), fence.clone());
+                let next = next.clone();
+                async move {
+                    let mut took = Duration::ZERO;
+                    for _ in 0..iters {
+                        let first = next.fetch_add(size, Ordering::Relaxed);
+                        let events: Vec<Event> = (first..first + size).map(chat).collect();
+                        let start = Instant::now();
+                        store
+                            .commit_batch(&session, &fence, &events, &[])
+                            .await
+                            .expect("the batch commits");
+                        took += start.elapsed();
+                    }
+                    took
+                }
+            });
+        });
+    }
+    group.finish();
+}
+
+fn backends() -> Vec<String> {
+    std::env::var("BENCH_BACKENDS")
+        .unwrap_or_else(|_| "sqlite,postgres".into())
+        .split(',')
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
+fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    let runtime = Runtime::new().expect("building the tokio runtime");
+    for backend in backends() {
+        match backend.as_str() {
+            "sqlite" => {
+                let dir = tempfile::tempdir().expect("creating a temporary directory");
+                let store = runtime
+                    .block_on(SqliteStore::connect(&dir.path().join("bench.sqlite3")))
+                    .expect("opening SQLite");
+                runtime.block_on(store.migrate()).expect("migrating SQLite");
+                bench_store(&mut criterion, &runtime, "sqlite", Arc::new(store));
+            }
+            "postgres" => {
+                let database = ScratchDatabase::create().unwrap_or_else(|err| {
+                    panic!(
+                        "{err:#}\nThe PostgreSQL bench needs a server on 127.0.0.1:5432 (user \
+                         postgres, trust auth); run it with BENCH_BACKENDS=sqlite without one."
+                    )
+                });
+                println!("created database {}", database.name());
+                let store = runtime
+                    .block_on(PgStore::connect(&database.url()))
+                    .expect("connecting to the scratch database");
+                runtime
+                    .block_on(store.migrate())
+                    .expect("migrating PostgreSQL");
+                bench_store(&mut criterion, &runtime, "postgres", Arc::new(store));
+            }
+            other => panic!("BENCH_BACKENDS: unknown backend {other:?} (sqlite, postgres)"),
+        }
+    }
+    criterion.final_summary();
+}
