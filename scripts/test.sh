@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The one test command: makes sure PostgreSQL and Redis are up, then runs the whole suite.
+# The one test command: makes sure PostgreSQL and Redis are up, runs the whole suite, then runs
+# every fuzz target for a bounded time (scripts/fuzz.sh; FUZZ_SECONDS each, default 20).
 #
 #   scripts/test.sh            # everything
-#   scripts/test.sh -E 'test(replay)'   # extra arguments go to cargo nextest (or cargo test)
+#   scripts/test.sh -E 'test(replay)'   # extra arguments go to cargo nextest (or cargo test);
+#                                       # such a filtered run leaves the fuzz targets out
 #
 # Tests use real services: PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth) and Redis on
 # 127.0.0.1:6379. Nothing is mocked, so nothing is skipped: if a service cannot be reached or
@@ -127,4 +129,11 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   say "running the suite with cargo test (install cargo-nextest for parallel runs)"
   cargo test --locked --no-fail-fast "$@"
+fi
+
+if [ $# -eq 0 ]; then
+  say "fuzzing every target (scripts/fuzz.sh)"
+  scripts/fuzz.sh
+else
+  say "a filtered run: the fuzz targets are left out (scripts/fuzz.sh runs them)"
 fi

@@ -7,12 +7,14 @@
 //! could take back.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
 use yrs::sync::Awareness;
 use yrs::types::Delta;
 use yrs::types::text::TextEvent;
 use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::{Encoder, EncoderV1};
 use yrs::{
     Doc, GetString, Observable, OffsetKind, Options, Out, ReadTxn, StateVector, Text, TextRef,
     Transact, Update,
@@ -56,6 +58,18 @@ fn too_long(len: i64, max_units: u64) -> Refusal {
         ErrorCode::TooLarge,
         format!("the document would reach {len} UTF-16 units; the limit is {max_units}"),
     )
+}
+
+/// Decodes an update from a client. yrs 0.28's decoder panics on some hostile bytes in builds with
+/// checks (debug, tests): a `u32` sum that overflows (`clock + len` in `id_set.rs`), a
+/// `debug_assert!` that a client id fits 53 bits (`block.rs`). Release builds wrap and go on.
+/// Decoding touches no state, so such a panic is only a malformed update, refused like any other.
+/// Both were found by the `yjs` fuzz target.
+fn decode_untrusted(data: &[u8]) -> Result<Update, String> {
+    match std::panic::catch_unwind(|| Update::decode_v1(data)) {
+        Ok(decoded) => decoded.map_err(|e| e.to_string()),
+        Err(_) => Err("yrs failed on it (a panic in its decoder)".to_owned()),
+    }
 }
 
 /// Why a stored document could not be loaded.
@@ -290,7 +304,7 @@ impl Document {
         if len + data.len() as u64 > max_units {
             return Err(too_long((len + data.len() as u64) as i64, max_units));
         }
-        let update = Update::decode_v1(&data)
+        let update = decode_untrusted(&data)
             .map_err(|e| Refusal::bad_request(format!("undecodable Yjs update: {e}")))?;
         self.take_deltas();
         self.doc
@@ -387,10 +401,7 @@ impl Document {
             return None;
         }
         self.compacting = true;
-        let data = self
-            .doc
-            .transact()
-            .encode_state_as_update_v1(&StateVector::default());
+        let data = self.encode_whole();
         Some(DocSnapshot {
             upto_seq: self.next_seq - 1,
             version: self.committed_version,
@@ -398,10 +409,125 @@ impl Document {
         })
     }
 
+    /// The whole document as one update, with the updates yrs holds pending (their dependencies
+    /// have not arrived) merged in. yrs 0.28 can hold pending data from a hostile update that it
+    /// cannot read back: merging it panics (an `unwrap` in `merge_pending_v1`), which crashed
+    /// the session at every compaction, again after each restart (found by the `yjs` fuzz target).
+    /// Encoding only reads the document, so the panic is caught and the snapshot leaves the
+    /// unreadable pending data out; the text and everything integrated are kept.
+    fn encode_whole(&self) -> Vec<u8> {
+        let txn = self.doc.transact();
+        let all = StateVector::default();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| txn.encode_state_as_update_v1(&all))) {
+            Ok(data) => data,
+            Err(_) => {
+                tracing::warn!(doc = %self.name, "pending Yjs data could not be merged; the snapshot leaves it out");
+                let mut encoder = EncoderV1::new();
+                txn.encode_state_as_update(&all, &mut encoder);
+                encoder.to_vec()
+            }
+        }
+    }
+
     pub fn end_compaction(&mut self, stored: Option<u64>) {
         self.compacting = false;
         if let Some(upto_seq) = stored {
             self.snapshot_seq = upto_seq;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::yjs;
+    use yrs::sync::{Message, SyncMessage};
+
+    /// y-websocket frames found by the `yjs` fuzz target (in `fuzz/corpus/yjs/`): their sync step
+    /// 2 makes yrs's decoder overflow a `u32` (`overflow_in_update_decode`), or assert that a
+    /// client id fits 53 bits (`client_id_past_53_bits`).
+    const PANICKING: [&[u8]; 2] = [
+        &[
+            0x00, 0x01, 0x20, 0x01, 0x01, 0x01, 0x00, 0x04, 0x00, 0x02, 0x10, 0x01, 0x01, 0x6c,
+            0x6f, 0x6e, 0x74, 0x65, 0x01, 0x06, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, 0x02,
+            0x10, 0x01, 0x01, 0x05, 0x01, 0x06, 0x00, 0x00, 0x01, 0xff, 0xff, 0xf0, 0xff, 0x20,
+        ],
+        &[
+            0x00, 0x02, 0x1c, 0x01, 0x01, 0x01, 0x13, 0x01, 0x01, 0x00, 0xc5, 0x01, 0x0f, 0xff,
+            0xef, 0xee, 0x84, 0xdd, 0x96, 0x92, 0xe5, 0x01, 0x01, 0x13, 0xc5, 0x01, 0x0f, 0x67,
+            0x22, 0x7d, 0x00,
+        ],
+    ];
+
+    /// Only builds with checks panic in yrs; release builds wrap instead.
+    #[cfg(debug_assertions)]
+    #[test]
+    fn an_update_that_panics_the_decoder_is_refused() {
+        for frame in PANICKING {
+            let mut doc = Document::new(DocName::parse("main").expect("valid name"));
+            let updates: Vec<Vec<u8>> = yjs::decode(frame)
+                .into_iter()
+                .filter_map(|m| match m {
+                    Ok(Message::Sync(SyncMessage::SyncStep2(u) | SyncMessage::Update(u))) => {
+                        Some(u)
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert!(!updates.is_empty(), "the frame holds no update");
+            let refusals: Vec<Refusal> = updates
+                .into_iter()
+                .filter_map(|u| doc.apply_yjs_update(u, 1 << 20).err())
+                .collect();
+            assert!(
+                refusals
+                    .iter()
+                    .any(|r| r.code == ErrorCode::BadRequest && r.message.contains("panic")),
+                "{refusals:?}"
+            );
+            assert_eq!(doc.summary().text, "");
+            assert_eq!(doc.version(), 0);
+        }
+    }
+
+    /// A y-websocket frame found by the `yjs` fuzz target (`fuzz/corpus/yjs/
+    /// unreadable_pending_update`): yrs accepts its update, holds it pending, and then cannot
+    /// merge it back when the whole document is encoded.
+    const UNREADABLE_PENDING: &[u8] = &[
+        0x00, 0x01, 0x20, 0x01, 0x01, 0x02, 0x02, 0x02, 0x02, 0x02, 0x02, 0x00, 0x06, 0x01, 0x00,
+        0x04, 0x00, 0x2b, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xab, 0x00, 0x00, 0xc5, 0x00,
+        0x00, 0x00, 0xff, 0xff, 0xff, 0x10, 0x06, 0xff, 0xd5, 0x00, 0x06, 0xff, 0x20,
+    ];
+
+    #[test]
+    fn a_pending_update_yrs_cannot_merge_still_compacts() {
+        let name = DocName::parse("main").expect("valid name");
+        let mut doc = Document::new(name.clone());
+        let seed = doc
+            .edit(0, vec![Component::Insert("kept".into())], 1 << 20)
+            .expect("a valid edit")
+            .expect("a change");
+        doc.committed(seed.version, Some(&seed.op));
+        let mut accepted = 0;
+        for message in yjs::decode(UNREADABLE_PENDING) {
+            if let Ok(Message::Sync(SyncMessage::SyncStep2(u) | SyncMessage::Update(u))) = message
+                && let Ok(applied) = doc.apply_yjs_update(u, 1 << 20)
+            {
+                doc.committed(applied.version, applied.op.as_ref());
+                accepted += 1;
+            }
+        }
+        assert_eq!(
+            accepted, 1,
+            "the fuzzer's update is accepted (and held pending)"
+        );
+        let snapshot = doc.begin_compaction().expect("a settled document compacts");
+        let reloaded = Document::load(StoredDoc {
+            name,
+            snapshot: Some(snapshot),
+            updates: Vec::new(),
+        })
+        .expect("the snapshot loads");
+        assert_eq!(reloaded.summary().text, "kept");
     }
 }

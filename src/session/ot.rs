@@ -33,7 +33,15 @@ pub enum OtError {
     OutOfRange { needed: u64, len: u64 },
     #[error("the operation splits a surrogate pair at offset {0}")]
     SplitsSurrogate(u64),
+    #[error("the operation reaches past {MAX_REACH} code units, longer than any document")]
+    TooFar,
 }
+
+/// The furthest an operation may reach: yrs counts a text's length in `u32`, so no document is
+/// longer. Refusing more in `normalize` keeps every later sum and `i64` conversion exact; a
+/// client's counts are otherwise unbounded `u64`s (found by the `ot` fuzz target: two retains of
+/// `u64::MAX` overflowed the sum).
+pub const MAX_REACH: u64 = u32::MAX as u64;
 
 /// A canonical operation: adjacent components merged, inserts before touching deletes, and no
 /// final retain.
@@ -55,10 +63,13 @@ impl Operation {
     /// Validates components and puts them in canonical form.
     pub fn normalize(components: Vec<Component>) -> Result<Self, OtError> {
         let mut op = Builder::default();
-        let mut reach = 0;
+        let mut reach = 0u64;
         for component in components {
             if let Component::Retain(n) | Component::Delete(n) = &component {
-                reach += n;
+                reach = reach
+                    .checked_add(*n)
+                    .filter(|r| *r <= MAX_REACH)
+                    .ok_or(OtError::TooFar)?;
             }
             match component {
                 Component::Retain(0) | Component::Delete(0) => return Err(OtError::ZeroCount),
@@ -462,6 +473,19 @@ mod tests {
             Operation::normalize(vec![Component::Insert(String::new())]),
             Err(OtError::EmptyInsert)
         );
+    }
+
+    #[test]
+    fn refuses_counts_past_any_document() {
+        for components in [
+            vec![Component::Retain(u64::MAX), Component::Retain(1)],
+            vec![Component::Retain(MAX_REACH), Component::Delete(1)],
+            vec![Component::Delete(u64::MAX)],
+        ] {
+            assert_eq!(Operation::normalize(components), Err(OtError::TooFar));
+        }
+        let furthest = op(vec![Component::Retain(MAX_REACH)]);
+        assert_eq!(furthest.reach(), MAX_REACH);
     }
 
     #[test]
