@@ -138,6 +138,12 @@ fn record(out: &mut ConnResult, live: &Live, failure: Failure) {
     out.errors.add_detail(&failure.code, || failure.detail);
 }
 
+/// A failure that ends the connection: recorded, and named as why it dropped.
+fn record_drop(out: &mut ConnResult, live: &Live, failure: Failure) {
+    out.dropped = Some(failure.detail.clone());
+    record(out, live, failure);
+}
+
 /// Reads the next frame or phase change; `None` when the socket is gone (recorded).
 async fn next_text(ws: &mut Socket, cue: &mut Cue, out: &mut ConnResult) -> Option<Option<String>> {
     tokio::select! {
@@ -184,8 +190,7 @@ async fn worker_task(ctx: Arc<Ctx>, index: usize, delay: Duration, mut cue: Cue)
         Ok(ok) => ok,
         Err(failure) => {
             Live::bump(&ctx.live.failed);
-            out.dropped = Some(failure.detail.clone());
-            record(&mut out, &ctx.live, failure);
+            record_drop(&mut out, &ctx.live, failure);
             return out;
         }
     };
@@ -204,8 +209,7 @@ async fn worker_task(ctx: Arc<Ctx>, index: usize, delay: Duration, mut cue: Cue)
             _ = heartbeat.tick() => {
                 out.heartbeats += 1;
                 if let Err(failure) = ws::send(&mut ws, r#"{"type":"heartbeat"}"#.into()).await {
-                    out.dropped = Some(failure.detail.clone());
-                    record(&mut out, &ctx.live, failure);
+                    record_drop(&mut out, &ctx.live, failure);
                     break;
                 }
                 continue;
@@ -240,8 +244,7 @@ async fn worker_task(ctx: Arc<Ctx>, index: usize, delay: Duration, mut cue: Cue)
                 let complete = json!({"type": "complete", "task": task.id, "lease": task.lease,
                                       "output": {}});
                 if let Err(failure) = ws::send(&mut ws, complete.to_string()).await {
-                    out.dropped = Some(failure.detail.clone());
-                    record(&mut out, &ctx.live, failure);
+                    record_drop(&mut out, &ctx.live, failure);
                     break;
                 }
             }
@@ -374,8 +377,7 @@ impl Submitter {
                 && self.outstanding() < self.ctx.window
             {
                 if let Err(failure) = self.submit().await {
-                    self.out.dropped = Some(failure.detail.clone());
-                    record(&mut self.out, &self.ctx.live, failure);
+                    record_drop(&mut self.out, &self.ctx.live, failure);
                     break;
                 }
             }
@@ -423,8 +425,7 @@ async fn submitter_task(
         Ok((ws, _)) => ws,
         Err(failure) => {
             Live::bump(&ctx.live.failed);
-            out.dropped = Some(failure.detail.clone());
-            record(&mut out, &ctx.live, failure);
+            record_drop(&mut out, &ctx.live, failure);
             return out;
         }
     };
