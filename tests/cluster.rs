@@ -422,10 +422,15 @@ async fn the_redis_bus_reports_an_outage_and_resubscribes_after_it() {
 /// Two in-process nodes on the shared database and the machine's Redis, under a prefix of
 /// their own; the sweep is slowed to a minute, so only a bus wake-up gets a task claimed fast.
 fn bus_node_on(db: &PgDatabase, prefix: &str) -> TestServer {
-    let (url, prefix) = (db.url.clone(), prefix.to_owned());
+    bus_node_at(db, "redis://127.0.0.1:6379", prefix)
+}
+
+/// As [`bus_node_on`], on the Redis at `redis`.
+fn bus_node_at(db: &PgDatabase, redis: &str, prefix: &str) -> TestServer {
+    let (url, redis, prefix) = (db.url.clone(), redis.to_owned(), prefix.to_owned());
     TestServer::sqlite_with(move |config| {
         config.database_url = Some(url);
-        config.redis_url = Some("redis://127.0.0.1:6379".into());
+        config.redis_url = Some(redis);
         config.bus_prefix = prefix;
         config.limits.owner_lease_ttl_ms = TTL_MS;
         config.limits.task_sweep_ms = 60_000;
@@ -553,4 +558,354 @@ async fn a_redis_outage_degrades_the_bus_but_a_node_serves_its_sessions() {
     assert_eq!(ada.chat("through-the-outage", "after").await, during + 1);
     let events = all_events(&node.http_url(), "through-the-outage").await;
     assert_gap_free(&events, 1);
+}
+
+/// Sends `count` chats (`"{who} {i}"`, also their `ref`) from `sender`, without waiting for acks.
+async fn fire_chats(sender: &mut common::WsSender, session: &str, who: &str, count: usize) {
+    for i in 0..count {
+        let text = format!("{who} {i}");
+        sender
+            .send(json!({"type": "chat", "ref": text, "session": session, "text": text}))
+            .await;
+    }
+}
+
+/// Reads frames until `count` chat events and `acks` acks have arrived; returns the chat events
+/// as `(offset, text)` in arrival order and the acks' offsets by `ref`.
+async fn collect_chats(
+    receiver: &mut common::WsReceiver,
+    count: usize,
+    acks: usize,
+) -> (Vec<(u64, String)>, std::collections::HashMap<String, u64>) {
+    let mut chats = Vec::new();
+    let mut acked = std::collections::HashMap::new();
+    while chats.len() < count || acked.len() < acks {
+        let frame = match receiver.next_frame(Duration::from_secs(10)).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => panic!(
+                "stalled after {} chats and {} acks: {chats:?}",
+                chats.len(),
+                acked.len()
+            ),
+            Err(end) => panic!("the socket ended: {end}"),
+        };
+        match frame["type"].as_str() {
+            Some("event") if frame["kind"] == "chat" => chats.push((
+                frame["offset"].as_u64().expect("offset"),
+                frame["data"]["text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )),
+            Some("ack") => {
+                let reference = frame["ref"].as_str().unwrap_or_default().to_owned();
+                acked.insert(reference, frame["offset"].as_u64().expect("ack offset"));
+            }
+            Some("error") => panic!("an error came back: {frame}"),
+            _ => {}
+        }
+    }
+    (chats, acked)
+}
+
+/// A client on node b joins a session node a owns: b relays it through Redis. Chats from both
+/// nodes, sent at once, reach both clients in one order, the owner's, which is the log's; acks
+/// name the offsets the events carry; edits and presence cross both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_two_nodes_share_a_session_through_a_relay_in_one_order() {
+    let db = PgDatabase::create();
+    let prefix = format!("test-{}", uuid::Uuid::now_v7());
+    let a = bus_node_on(&db, &prefix);
+    let b = bus_node_on(&db, &prefix);
+    let session = "relayed";
+    let mut ada = WsClient::connect_hello(&a.ws_url(), "Ada").await;
+    ada.join(session, None, None).await;
+    let mut bob = WsClient::connect_hello(&b.ws_url(), "Bob").await;
+    let joined = bob.join(session, None, None).await;
+    let members: Vec<&str> = joined["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert!(members.contains(&"Ada"), "{joined}");
+
+    // Chats from both sides at once.
+    const EACH: usize = 40;
+    let (mut ada_out, mut ada_in) = ada.split();
+    let (mut bob_out, mut bob_in) = bob.split();
+    let sends = async {
+        tokio::join!(
+            fire_chats(&mut ada_out, session, "ada", EACH),
+            fire_chats(&mut bob_out, session, "bob", EACH)
+        )
+    };
+    let receives = async {
+        tokio::join!(
+            collect_chats(&mut ada_in, 2 * EACH, EACH),
+            collect_chats(&mut bob_in, 2 * EACH, EACH)
+        )
+    };
+    let (_, ((ada_saw, ada_acks), (bob_saw, bob_acks))) = tokio::join!(sends, receives);
+    assert_eq!(
+        ada_saw, bob_saw,
+        "the two nodes' clients saw different orders"
+    );
+    assert!(
+        ada_saw.windows(2).all(|w| w[0].0 < w[1].0),
+        "offsets do not increase: {ada_saw:?}"
+    );
+    for (reference, offset) in ada_acks.iter().chain(&bob_acks) {
+        assert!(
+            ada_saw.contains(&(*offset, reference.clone())),
+            "ack {reference} at {offset} does not match an event"
+        );
+    }
+    // Each sender's own chats are in the order it sent them.
+    for who in ["ada", "bob"] {
+        let own: Vec<&String> = ada_saw
+            .iter()
+            .map(|(_, t)| t)
+            .filter(|t| t.starts_with(who))
+            .collect();
+        let sent: Vec<String> = (0..EACH).map(|i| format!("{who} {i}")).collect();
+        assert_eq!(
+            own,
+            sent.iter().collect::<Vec<_>>(),
+            "{who}'s chats reordered"
+        );
+    }
+    let events = all_events(&a.http_url(), session).await;
+    assert_gap_free(&events, 1);
+    let logged: Vec<(u64, String)> = events
+        .iter()
+        .filter(|e| e["kind"] == "chat")
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap_or_default(),
+                e["data"]["text"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(logged, ada_saw, "the log's order is not the clients' order");
+
+    // An edit from the relayed client is acked by the owner and reaches the owner's client; and
+    // back.
+    bob_out
+        .send(
+            json!({"type": "edit", "ref": "e1", "session": session, "doc": "main", "base": 0,
+            "ops": [{"insert": "from b"}]}),
+        )
+        .await;
+    let ack = recv_until(&mut bob_in, |f| f["ref"] == "e1").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["version"], 1, "{ack}");
+    let doc = recv_until(&mut ada_in, |f| f["type"] == "doc").await;
+    assert_eq!(doc["version"], 1, "{doc}");
+    ada_out
+        .send(
+            json!({"type": "edit", "ref": "e2", "session": session, "doc": "main", "base": 1,
+            "ops": [{"insert": "a: "}]}),
+        )
+        .await;
+    let doc = recv_until(&mut bob_in, |f| f["type"] == "doc").await;
+    assert_eq!(doc["version"], 2, "{doc}");
+    assert_eq!(doc["ops"], json!([{"insert": "a: "}]), "{doc}");
+
+    // Presence both ways.
+    bob_out
+        .send(json!({"type": "presence", "session": session, "state": {"status": "typing"}}))
+        .await;
+    let seen = recv_until(&mut ada_in, |f| {
+        f["type"] == "presence" && f["state"]["status"] == "typing"
+    })
+    .await;
+    assert_eq!(seen["user"]["name"], "Bob", "{seen}");
+    ada_out
+        .send(json!({"type": "presence", "session": session, "state": {"status": "reading"}}))
+        .await;
+    let seen = recv_until(&mut bob_in, |f| {
+        f["type"] == "presence" && f["state"]["status"] == "reading"
+    })
+    .await;
+    assert_eq!(seen["user"]["name"], "Ada", "{seen}");
+
+    // The relayed client goes; the owner's client sees it leave.
+    drop((bob_out, bob_in));
+    let left = recv_until(&mut ada_in, |f| f["kind"] == "member.left").await;
+    assert_eq!(left["data"]["user"]["name"], "Bob", "{left}");
+}
+
+async fn recv_until(
+    receiver: &mut common::WsReceiver,
+    mut pred: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    loop {
+        let frame = receiver.recv().await;
+        if pred(&frame) {
+            return frame;
+        }
+    }
+}
+
+/// The owner of a relayed session is killed: the relay tells its client once the lease has
+/// lapsed, the client joins again on its own node, which takes the session over, and every
+/// acked chat, from either node, is in the log with offsets going on without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_client_resumes_on_its_own_node_after_the_owner_is_killed() {
+    let db = PgDatabase::create();
+    let prefix = format!("test-{}", uuid::Uuid::now_v7());
+    let ttl = TTL_MS.to_string();
+    let mut a = spawn_binary(
+        &[
+            "--database-url",
+            db.url.as_str(),
+            "--node-id",
+            "node-a",
+            "--owner-lease-ttl-ms",
+            ttl.as_str(),
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--bus-prefix",
+            prefix.as_str(),
+        ],
+        &[],
+    )
+    .await;
+    let b = bus_node_on(&db, &prefix);
+    let session = "relay-failover";
+    let mut ada = WsClient::connect_hello(&a.ws_url(), "Ada").await;
+    ada.join(session, None, None).await;
+    let mut bob = WsClient::connect_hello(&b.ws_url(), "Bob").await;
+    bob.join(session, None, None).await;
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        for (client, who) in [(&mut ada, "ada"), (&mut bob, "bob")] {
+            let text = format!("{who} {i}");
+            acked.push((client.chat(session, &text).await, text));
+        }
+    }
+    let last_seen = bob
+        .recv_until(|f| f["kind"] == "chat" && f["data"]["text"] == "bob 9")
+        .await["offset"]
+        .as_u64()
+        .expect("offset");
+
+    a.kill_9();
+    let killed = Instant::now();
+    let ended = bob
+        .recv_until_within(Duration::from_millis(TTL_MS * 4), |f| f["type"] == "error")
+        .await;
+    assert_eq!(ended["code"], "conflict", "{ended}");
+    eprintln!(
+        "the relay ended its client's membership {:?} after kill -9 of the owner",
+        killed.elapsed()
+    );
+    let joined = loop {
+        bob.send(json!({"type": "join", "ref": "again", "session": session, "since": last_seen}))
+            .await;
+        let reply = bob.recv_until(|f| f["ref"] == "again").await;
+        if reply["type"] == "joined" {
+            break reply;
+        }
+        assert_eq!(reply["code"], "conflict", "{reply}");
+        assert!(
+            killed.elapsed() < Duration::from_millis(TTL_MS) + Duration::from_secs(5),
+            "node b never took the session over: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "node b served the session {:?} after kill -9 of its owner",
+        killed.elapsed()
+    );
+    let resumed_at = joined["offset"].as_u64().expect("offset");
+    assert!(resumed_at >= last_seen, "{joined}");
+    let next = bob.chat(session, "after the failover").await;
+    assert!(
+        next > resumed_at,
+        "offsets went back: {next} after {resumed_at}"
+    );
+    let events = all_events(&b.http_url(), session).await;
+    assert_gap_free(&events, 1);
+    for (offset, text) in &acked {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["offset"] == *offset && e["data"]["text"] == text.as_str()),
+            "acked chat {text:?} at {offset} was lost"
+        );
+    }
+}
+
+/// Redis restarts under a relayed session: the owner acks its own client's chats meanwhile;
+/// once the bus is back, the relay sends its client back to resume from its offset, and the
+/// owner replays what the relay missed, from the log, before anything later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_restart_a_relayed_client_gets_what_it_missed_from_the_log() {
+    let mut redis = PrivateRedis::start();
+    let db = PgDatabase::create();
+    let a = bus_node_at(&db, &redis.url(), "restart");
+    let b = bus_node_at(&db, &redis.url(), "restart");
+    let session = "relay-restart";
+    let mut ada = WsClient::connect_hello(&a.ws_url(), "Ada").await;
+    ada.join(session, None, None).await;
+    let mut bob = WsClient::connect_hello(&b.ws_url(), "Bob").await;
+    bob.join(session, None, None).await;
+    let before = ada.chat(session, "before").await;
+    bob.recv_until(|f| f["kind"] == "chat" && f["offset"] == before)
+        .await;
+
+    redis.stop();
+    let degraded = || async {
+        common::get_json(&format!("{}/readyz", b.http_url()))
+            .await
+            .1["bus_state"]
+            == "degraded"
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !degraded().await {
+        assert!(Instant::now() < deadline, "the outage was not noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut missed = Vec::new();
+    for i in 0..5 {
+        let text = format!("during {i}");
+        missed.push((ada.chat(session, &text).await, text));
+    }
+    redis.restart();
+
+    let ended = bob
+        .recv_until_within(Duration::from_secs(20), |f| f["type"] == "error")
+        .await;
+    assert_eq!(ended["code"], "conflict", "{ended}");
+    bob.send(json!({"type": "join", "ref": "again", "session": session, "since": before}))
+        .await;
+    let joined = bob
+        .recv_until_within(Duration::from_secs(20), |f| f["ref"] == "again")
+        .await;
+    assert_eq!(joined["type"], "joined", "{joined}");
+    let mut replayed = Vec::new();
+    while replayed.len() < missed.len() {
+        let frame = bob.recv().await;
+        if frame["kind"] == "chat" {
+            replayed.push((
+                frame["offset"].as_u64().expect("offset"),
+                frame["data"]["text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ));
+        }
+    }
+    assert_eq!(
+        replayed, missed,
+        "the relayed client did not get what it missed, in order"
+    );
+    // Live fan-out resumed.
+    let after = ada.chat(session, "after").await;
+    let live = bob
+        .recv_until(|f| f["kind"] == "chat" && f["data"]["text"] == "after")
+        .await;
+    assert_eq!(live["offset"], after, "{live}");
 }

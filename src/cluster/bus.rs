@@ -29,6 +29,8 @@ pub enum Channel {
     Tasks,
     /// Commands for the owner of a session (`…:s:{session}:in`).
     SessionIn(SessionId),
+    /// The owner's frames for the relays of a session (`…:s:{session}:out`).
+    SessionOut(SessionId),
 }
 
 impl Channel {
@@ -36,6 +38,7 @@ impl Channel {
         match self {
             Self::Tasks => format!("{prefix}:tasks"),
             Self::SessionIn(session) => format!("{prefix}:s:{session}:in"),
+            Self::SessionOut(session) => format!("{prefix}:s:{session}:out"),
         }
     }
 }
@@ -48,6 +51,10 @@ pub trait Bus: Send + Sync + 'static {
 
     /// False while the bus cannot reach the other nodes (Redis is down or reconnecting).
     fn is_up(&self) -> bool;
+
+    /// How many times the bus has lost the other nodes since start. Whatever was published
+    /// meanwhile is lost, so a receiver that sees this change must catch up from the store.
+    fn outages(&self) -> u64;
 
     /// Sends `payload` to every subscriber of `channel` on every node, this one included.
     async fn publish(&self, channel: &Channel, payload: Bytes) -> Result<(), BusError>;
@@ -174,6 +181,10 @@ impl Bus for LocalBus {
 
     fn is_up(&self) -> bool {
         true
+    }
+
+    fn outages(&self) -> u64 {
+        0
     }
 
     async fn publish(&self, channel: &Channel, payload: Bytes) -> Result<(), BusError> {

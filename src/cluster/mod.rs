@@ -3,9 +3,11 @@
 //! them. Session ownership itself lives in the store (`session_owners`); see `ARCHITECTURE.md`.
 
 mod bus;
+mod publisher;
 mod redis_bus;
 mod wire;
 
 pub use bus::{Bus, BusError, Channel, LocalBus, SharedBus, Subscription};
+pub use publisher::OrderedPublisher;
 pub use redis_bus::RedisBus;
-pub use wire::{ToOwner, decode_to_owner};
+pub use wire::{RelayFrame, ToOwner, decode, decode_to_owner};

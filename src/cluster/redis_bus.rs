@@ -4,7 +4,7 @@
 //! itself down, and `/readyz` says so.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +22,8 @@ pub struct RedisBus {
     subscriber: ConnectionManager,
     topics: Arc<Topics>,
     up: Arc<AtomicBool>,
+    /// Disconnections of the subscription connection since start.
+    outages: Arc<AtomicU64>,
 }
 
 impl RedisBus {
@@ -53,13 +55,20 @@ impl RedisBus {
         .await?;
         let topics = Arc::<Topics>::default();
         let up = Arc::new(AtomicBool::new(true));
-        tokio::spawn(dispatch(received, Arc::clone(&topics), Arc::clone(&up)));
+        let outages = Arc::<AtomicU64>::default();
+        tokio::spawn(dispatch(
+            received,
+            Arc::clone(&topics),
+            Arc::clone(&up),
+            Arc::clone(&outages),
+        ));
         let bus = Arc::new(Self {
             prefix: prefix.to_owned(),
             publisher,
             subscriber,
             topics,
             up,
+            outages,
         });
         tokio::spawn(revive(Arc::downgrade(&bus)));
         Ok(bus)
@@ -72,6 +81,7 @@ async fn dispatch(
     mut received: mpsc::UnboundedReceiver<PushInfo>,
     topics: Arc<Topics>,
     up: Arc<AtomicBool>,
+    outages: Arc<AtomicU64>,
 ) {
     while let Some(push) = received.recv().await {
         match push.kind {
@@ -86,6 +96,7 @@ async fn dispatch(
                 }
             },
             PushKind::Disconnection if up.swap(false, Ordering::SeqCst) => {
+                outages.fetch_add(1, Ordering::SeqCst);
                 tracing::warn!("lost the Redis bus; cross-node messages pause until it is back");
                 telemetry::bus_up(false);
             }
@@ -124,6 +135,10 @@ impl Bus for RedisBus {
 
     fn is_up(&self) -> bool {
         self.up.load(Ordering::SeqCst)
+    }
+
+    fn outages(&self) -> u64 {
+        self.outages.load(Ordering::SeqCst)
     }
 
     async fn publish(&self, channel: &Channel, payload: Bytes) -> Result<(), BusError> {

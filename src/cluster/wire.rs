@@ -1,40 +1,113 @@
 //! The typed commands nodes send each other on the bus, as JSON. A message that does not
 //! decode is dropped with a log line and `conclave_bus_corrupt_total`.
+//!
+//! Two directions per session: [`ToOwner`] on `…:s:{session}:in`, from relays (and from nodes
+//! whose scheduler or councils produce an event for the session), and [`RelayFrame`] on
+//! `…:s:{session}:out`, the owner's frames for the clients of every relay, in the owner's order.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
-use crate::session::log::NewEvent;
+use crate::protocol::{DocName, UserInfo};
+use crate::session::log::{Actor, NewEvent};
+use crate::session::ot::Component;
+use crate::session::{ConnId, FrameClass};
 use crate::telemetry;
 
 /// A command for the node that owns a session (`Channel::SessionIn`). Externally tagged
 /// (`{"append_event": {…}}`), unlike the client protocol: an event's data is a `RawValue`, which
 /// cannot pass through the buffering that serde's internally tagged enums do.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+///
+/// Every command but `append_event` comes from a relay for one of its clients (`conn`); the
+/// owner answers on the session's out channel, in [`RelayFrame`]s for that client.
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ToOwner {
     /// Append an event another node produced for the session (a task or council transition,
     /// already durable in its own table).
     AppendEvent { event: NewEvent },
+    /// A client of the relay on `node` joins, as `join` does on the owner itself.
+    Join {
+        node: String,
+        conn: ConnId,
+        user: UserInfo,
+        reference: Option<String>,
+        since: Option<u64>,
+        epoch: Option<String>,
+    },
+    Chat {
+        conn: ConnId,
+        actor: Actor,
+        text: String,
+        reference: Option<String>,
+    },
+    Edit {
+        conn: ConnId,
+        actor: Actor,
+        doc: DocName,
+        base: u64,
+        ops: Vec<Component>,
+        reference: Option<String>,
+    },
+    /// Opaque user data, relayed as it came.
+    Presence { conn: ConnId, state: Box<RawValue> },
+    Leave {
+        conn: ConnId,
+        reference: Option<String>,
+    },
+    /// The client's socket closed.
+    Disconnect { conn: ConnId },
+    /// The relay on `node` is alive and still has these clients (every third of the lease
+    /// TTL). The owner forgets the clients of a relay it has not heard from for a whole TTL.
+    Keepalive { node: String, conns: Vec<ConnId> },
 }
 
 impl ToOwner {
-    /// The command as JSON; an event whose data cannot be encoded goes as an empty payload,
-    /// which the owner counts as corrupt.
+    /// The command as JSON; one that cannot be encoded goes as an empty payload, which the
+    /// owner counts as corrupt.
     pub fn encode(&self) -> bytes::Bytes {
         serde_json::to_vec(self).unwrap_or_default().into()
     }
 }
 
-/// Decodes a command, or counts and logs it as corrupt.
-pub fn decode_to_owner(payload: &[u8]) -> Option<ToOwner> {
+/// One frame of the owner for one client of a relay (`Channel::SessionOut`). `seq` counts the
+/// out channel's frames under one owner `epoch` (the lease's), with no holes: a relay that sees
+/// one has lost frames (the bus was down) and makes its clients resume from their offsets.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RelayFrame {
+    pub epoch: i64,
+    pub seq: u64,
+    pub conn: ConnId,
+    /// The encoded server frame, as the client is to receive it.
+    pub frame: String,
+    pub class: FrameClass,
+    /// The last frame of the client's membership (`archived`, or the session moved).
+    #[serde(default)]
+    pub ends_membership: bool,
+}
+
+impl RelayFrame {
+    pub fn encode(&self) -> bytes::Bytes {
+        serde_json::to_vec(self).unwrap_or_default().into()
+    }
+}
+
+/// Decodes a bus message, or counts and logs it as corrupt.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Option<T> {
     match serde_json::from_slice(payload) {
         Ok(command) => Some(command),
         Err(err) => {
             telemetry::bus_corrupt();
-            tracing::warn!(%err, "dropping a corrupt bus command");
+            tracing::warn!(%err, "dropping a corrupt bus message");
             None
         }
     }
+}
+
+/// Decodes a command for a session's owner (see [`decode`]).
+pub fn decode_to_owner(payload: &[u8]) -> Option<ToOwner> {
+    decode(payload)
 }
 
 #[cfg(test)]

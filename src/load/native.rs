@@ -69,6 +69,11 @@ pub struct NativeArgs {
     /// (and counted), so a slow server cannot grow the client's memory.
     #[arg(long, default_value_t = 64)]
     pub window: usize,
+    /// Another node of the same cluster (repeatable). Client `c` of each session connects to
+    /// the `c`-th of `--url` and these, in turn, so every session has clients on several nodes:
+    /// whichever node owns it, the others relay, and broadcasts cross nodes.
+    #[arg(long = "also-url")]
+    pub also_urls: Vec<String>,
 }
 
 impl NativeArgs {
@@ -104,7 +109,8 @@ struct SessionShared {
 
 /// The run's settings, shared by every client.
 struct Ctx {
-    url: Url,
+    /// The nodes, `--url` first; client `c` of a session uses `urls[c % len]`.
+    urls: Vec<Url>,
     token: Option<String>,
     timeout: Duration,
     period: Duration,
@@ -569,6 +575,7 @@ async fn client_task(
     ctx: Arc<Ctx>,
     session: Arc<SessionShared>,
     session_index: usize,
+    client_index: usize,
     id: String,
     delay: Duration,
     mut cue: Cue,
@@ -582,7 +589,7 @@ async fn client_task(
         return out;
     }
     let joined = ws::join_session(
-        &ctx.url,
+        &ctx.urls[client_index % ctx.urls.len()],
         ctx.token.as_deref(),
         &id,
         &session.name,
@@ -686,8 +693,13 @@ pub async fn run(args: NativeArgs) -> Result<Report, LoadError> {
     let prefix = common.prefix();
     let total = args.sessions * args.clients;
     let live = Arc::new(Live::default());
+    let mut urls = vec![target.socket("/v1/ws", false)];
+    for also in &args.also_urls {
+        let node = Target::resolve(also, common.token.clone(), common.allow_remote).await?;
+        urls.push(node.socket("/v1/ws", false));
+    }
     let ctx = Arc::new(Ctx {
-        url: target.socket("/v1/ws", false),
+        urls,
         token: target.token().map(str::to_owned),
         timeout: common.timeout,
         period: Duration::from_secs_f64(1.0 / args.rate),
@@ -723,6 +735,7 @@ pub async fn run(args: NativeArgs) -> Result<Report, LoadError> {
             ctx.clone(),
             session,
             s,
+            c,
             format!("s{s}c{c}"),
             delay,
             cue,
@@ -730,7 +743,11 @@ pub async fn run(args: NativeArgs) -> Result<Report, LoadError> {
     })
     .await?;
 
-    let mut report = Report::of_run("native", ctx.url.to_string(), timeline);
+    let mut report = Report::of_run("native", ctx.urls[0].to_string(), timeline);
+    if !args.also_urls.is_empty() {
+        let nodes: Vec<String> = ctx.urls.iter().map(Url::to_string).collect();
+        report.param("nodes", nodes.join(" "));
+    }
     report.param("sessions", args.sessions);
     report.param("clients", args.clients);
     report.param("rate", args.rate);

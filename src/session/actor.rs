@@ -27,7 +27,9 @@ use super::messages::{
 use super::messages::{LeasesRenewed, Reattach};
 use super::ot::Operation;
 use super::registry::SessionRegistry;
-use crate::cluster::{Channel, ToOwner, decode_to_owner};
+use super::relay::Relay;
+use super::remote::RemoteClients;
+use crate::cluster::{Channel, RelayFrame, Subscription, ToOwner, decode, decode_to_owner};
 use crate::protocol::frames::{DocSummary, PresenceEntry, ServerFrame};
 use crate::protocol::yjs;
 use crate::protocol::{DocName, ErrorCode, Refusal, SessionId, UserInfo};
@@ -147,10 +149,21 @@ pub struct SessionActor {
     fenced_at: Instant,
     /// Why the session is not served here, when another node owns it.
     elsewhere: Option<Refusal>,
+    /// Set when another node owns the session and this actor relays its clients there.
+    relay: Option<Relay>,
+    /// As the owner: the subscribers connected through other nodes' relays.
+    remote: RemoteClients,
 }
+
+/// A command from another node, on the session's in channel (as its owner).
+struct FromOtherNode(bytes::Bytes);
+
+/// A frame from the session's owner on another node, on its out channel (as a relay).
+struct FromOwner(bytes::Bytes);
 
 impl SessionActor {
     pub(super) fn new(id: SessionId, generation: u64, registry: Arc<SessionRegistry>) -> Self {
+        let remote = RemoteClients::new(id.clone(), registry.deps().bus.clone());
         Self {
             id,
             generation,
@@ -180,6 +193,8 @@ impl SessionActor {
             fence: None,
             fenced_at: Instant::now(),
             elsewhere: None,
+            relay: None,
+            remote,
         }
     }
 
@@ -259,7 +274,7 @@ impl SessionActor {
             .into_actor(self)
             .map(|subscribed, act, ctx| match subscribed {
                 Ok(commands) => {
-                    ctx.add_stream(commands.into_stream());
+                    ctx.add_stream(futures_util::StreamExt::map(commands.into_stream(), FromOtherNode));
                 }
                 Err(err) => {
                     tracing::warn!(session = %act.id, %err, "not listening to other nodes; their events for this session are not logged")
@@ -276,10 +291,15 @@ impl SessionActor {
         tail: Vec<Event>,
         docs: BTreeMap<DocName, Document>,
     ) {
+        self.remote.owned_under(fence.epoch);
         self.fence = Some(fence);
         self.fenced_at = Instant::now();
         self.epoch = record.epoch;
         self.listen_to_other_nodes(ctx);
+        if self.registry.deps().bus.kind() != "local" {
+            let every = self.limits().owner_lease_ttl() / 3;
+            ctx.run_interval(every, |act, ctx| act.forget_silent_relays(ctx));
+        }
         self.committed = record.offset;
         self.tail_bytes = tail.iter().map(|e| e.data.get().len()).sum();
         self.tail = tail.into();
@@ -864,6 +884,7 @@ impl SessionActor {
     /// Passivates once the session has had no subscribers and no writes for the idle timeout.
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
         let idle = self.subscribers.is_empty()
+            && self.relay.as_ref().is_none_or(Relay::is_idle)
             && self.yjs_subscribers.is_empty()
             && self.pending.is_empty()
             && !self.flushing
@@ -887,12 +908,21 @@ impl Actor for SessionActor {
         let node = self.registry.deps().node.clone();
         let ttl = self.limits().owner_lease_ttl();
         let tail_len = self.limits().event_tail as u64;
+        let bus = self.registry.deps().bus.clone();
         ctx.wait(
             async move {
                 // The lease first: only the owner may load, since only it may write.
                 let fence = match store.acquire_session(&session, &node, ttl).await? {
                     Ownership::Acquired(fence) => fence,
-                    Ownership::HeldBy { node, until } => return Ok(Err((node, until))),
+                    Ownership::HeldBy { node, until } => {
+                        // With a Redis bus this node relays the session's clients to the
+                        // owner; it listens before any client's command can be forwarded.
+                        let out = match bus.kind() {
+                            "local" => None,
+                            _ => bus.subscribe(&Channel::SessionOut(session)).await.ok(),
+                        };
+                        return Ok(Err((node, until, out)));
+                    }
                 };
                 let record = store.open_session(&session).await?;
                 let from = record.offset.saturating_sub(tail_len);
@@ -904,9 +934,9 @@ impl Actor for SessionActor {
             }
             .into_actor(self)
             .map(|result, act, ctx| match result {
-                Ok(Err((owner, until))) => {
+                Ok(Err((owner, until, out))) => {
                     // Answer what is queued with where the session is, then make way for a
-                    // later activation to ask again.
+                    // later activation to ask again, unless this node relays the session.
                     act.elsewhere = Some(Refusal::new(
                         ErrorCode::Conflict,
                         format!(
@@ -916,7 +946,12 @@ impl Actor for SessionActor {
                             until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
                         ),
                     ));
-                    ctx.run_later(Duration::from_millis(100), |act, ctx| act.retire(ctx));
+                    match out {
+                        Some(out) => act.become_relay(owner, out, ctx),
+                        None => {
+                            ctx.run_later(Duration::from_millis(100), |act, ctx| act.retire(ctx));
+                        }
+                    }
                 }
                 Ok(Ok((_, record, ..))) if record.archived => {
                     // Stays unloaded: every request gets not_found until the idle check
@@ -961,6 +996,10 @@ impl Handler<Join> for SessionActor {
     type Result = Result<(), Refusal>;
 
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(relay) = &mut self.relay {
+            relay.join(msg);
+            return Ok(());
+        }
         if !self.loaded {
             return Err(self.unserved());
         }
@@ -1018,6 +1057,12 @@ impl Handler<Leave> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
+        if self.relay.is_some() {
+            let conn = msg.conn;
+            return self.relay_write(Some(conn.clone()), msg.reply, |relay, reference| {
+                relay.leave(conn, reference);
+            });
+        }
         if self.remove_conn(&msg.conn, ctx) {
             msg.reply.ok(Committed::default());
         } else {
@@ -1030,6 +1075,9 @@ impl Handler<Disconnect> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Disconnect, ctx: &mut Context<Self>) {
+        if let Some(relay) = &mut self.relay {
+            return relay.disconnect(msg.conn);
+        }
         self.deferred_joins
             .retain(|(_, join)| join.conn != msg.conn);
         if !self.remove_yjs(&msg.conn) {
@@ -1042,6 +1090,19 @@ impl Handler<PostChat> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: PostChat, ctx: &mut Context<Self>) {
+        if self.relay.is_some() {
+            let (actor, text) = (msg.actor, msg.text);
+            return self.relay_write(msg.conn.clone(), msg.reply, |relay, reference| {
+                if let Some(conn) = msg.conn {
+                    relay.forward(&ToOwner::Chat {
+                        conn,
+                        actor,
+                        text,
+                        reference,
+                    });
+                }
+            });
+        }
         if let Err(refusal) = self.check_writer(msg.conn.as_ref()) {
             return msg.reply.refuse(refusal);
         }
@@ -1082,6 +1143,14 @@ impl Handler<SetPresence> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetPresence, ctx: &mut Context<Self>) {
+        if let Some(relay) = &self.relay
+            && relay.has_client(&msg.conn)
+        {
+            return relay.forward(&ToOwner::Presence {
+                conn: msg.conn,
+                state: msg.state,
+            });
+        }
         if !self.subscribers.contains_key(&msg.conn) {
             let refusal = not_joined(&self.id);
             msg.outbox.do_send(Deliver::ordered(
@@ -1143,6 +1212,28 @@ impl Handler<Edit> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Edit, ctx: &mut Context<Self>) {
+        if self.relay.is_some() {
+            let Edit {
+                conn,
+                actor,
+                doc,
+                base,
+                ops,
+                reply,
+            } = msg;
+            return self.relay_write(conn.clone(), reply, |relay, reference| {
+                if let Some(conn) = conn {
+                    relay.forward(&ToOwner::Edit {
+                        conn,
+                        actor,
+                        doc,
+                        base,
+                        ops,
+                        reference,
+                    });
+                }
+            });
+        }
         if let Err(refusal) = self.check_writer(msg.conn.as_ref()) {
             return msg.reply.refuse(refusal);
         }
@@ -1385,21 +1476,217 @@ impl Drop for SessionActor {
 }
 
 /// A command from another node, for this session's owner.
-impl StreamHandler<bytes::Bytes> for SessionActor {
-    fn handle(&mut self, payload: bytes::Bytes, ctx: &mut Context<Self>) {
-        match decode_to_owner(&payload) {
-            Some(ToOwner::AppendEvent { event }) if self.fence.is_some() => {
-                self.enqueue(event, None, ctx)
-            }
-            Some(ToOwner::AppendEvent { .. }) => {
-                tracing::warn!(session = %self.id, "an event for a session this node no longer owns was dropped");
-            }
-            None => {}
+impl StreamHandler<FromOtherNode> for SessionActor {
+    fn handle(&mut self, FromOtherNode(payload): FromOtherNode, ctx: &mut Context<Self>) {
+        if let Some(command) = decode_to_owner(&payload) {
+            self.on_command_from_other_node(command, ctx);
         }
     }
 
     /// The bus subscription ends only with the actor; nothing to do.
     fn finished(&mut self, _ctx: &mut Context<Self>) {}
+}
+
+impl StreamHandler<FromOwner> for SessionActor {
+    fn handle(&mut self, FromOwner(payload): FromOwner, _ctx: &mut Context<Self>) {
+        if let (Some(relay), Some(frame)) = (&mut self.relay, decode::<RelayFrame>(&payload)) {
+            relay.deliver(frame);
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {}
+}
+
+// ---- the cluster: relaying to another node's session, and serving other nodes' clients ------
+
+impl SessionActor {
+    /// Another node owns the session: this actor relays its clients there ([`Relay`]).
+    fn become_relay(&mut self, owner: String, out: Subscription, ctx: &mut Context<Self>) {
+        let deps = self.registry.deps();
+        tracing::debug!(session = %self.id, %owner, "relaying the session's clients to its owner");
+        self.relay = Some(Relay::new(
+            self.id.clone(),
+            deps.node.clone(),
+            owner,
+            deps.bus.clone(),
+        ));
+        ctx.add_stream(futures_util::StreamExt::map(out.into_stream(), FromOwner));
+        let every = self.limits().owner_lease_ttl() / 3;
+        ctx.run_interval(every, |act, ctx| act.relay_tick(ctx));
+    }
+
+    /// A relay's heartbeat ([`Relay::tick`]), and its check that the owner still holds the
+    /// lease. When another node holds it, or nobody does, the relay sends its clients back to
+    /// join again, wherever the session now lives, and stops.
+    fn relay_tick(&mut self, ctx: &mut Context<Self>) {
+        let Some(relay) = &mut self.relay else {
+            return;
+        };
+        relay.tick();
+        let owner = relay.owner().to_owned();
+        let deps = self.registry.deps();
+        let (store, session, node) = (deps.store.clone(), self.id.clone(), deps.node.clone());
+        let ttl = self.limits().owner_lease_ttl();
+        async move { store.acquire_session(&session, &node, ttl).await }
+            .into_actor(self)
+            .map(move |probe, act, ctx| {
+                let why = match probe {
+                    Ok(Ownership::HeldBy { node, .. }) if node == owner => return,
+                    Ok(Ownership::HeldBy { node, .. }) => {
+                        format!("it moved from node {owner} to node {node}")
+                    }
+                    Ok(Ownership::Acquired(fence)) => {
+                        // Taken only to learn that the owner is gone: the first client to join
+                        // again takes it for real, and loads the session.
+                        let store = act.registry.deps().store.clone();
+                        let session = act.id.clone();
+                        actix::spawn(async move {
+                            let _ = store.release_session(&session, &fence).await;
+                        });
+                        format!("its owner, node {owner}, is gone")
+                    }
+                    Err(err) => {
+                        tracing::debug!(session = %act.id, %err, "relay could not check the owner's lease");
+                        return;
+                    }
+                };
+                if let Some(relay) = &mut act.relay {
+                    relay.end_all(&why);
+                }
+                act.retire(ctx);
+            })
+            .spawn(ctx);
+    }
+
+    /// In relay mode: a socket client's request goes to the owner with its `ref` (`forward`),
+    /// and the owner's answer comes back on the out channel. A REST request is refused with
+    /// where the session lives: REST is served by the owner.
+    fn relay_write(
+        &mut self,
+        conn: Option<ConnId>,
+        reply: Reply,
+        forward: impl FnOnce(&mut Relay, Option<String>),
+    ) {
+        match (conn, reply.into_reference()) {
+            (Some(_), Ok(reference)) => {
+                if let Some(relay) = &mut self.relay {
+                    forward(relay, reference);
+                }
+            }
+            (_, Err(reply)) => reply.refuse(self.unserved()),
+            (None, Ok(_)) => {}
+        }
+    }
+
+    /// As the owner: a command from another node. A relay's client is served like a local one,
+    /// its frames going to its [`RemoteClients`] outbox.
+    fn on_command_from_other_node(&mut self, command: ToOwner, ctx: &mut Context<Self>) {
+        if self.fence.is_none() {
+            tracing::warn!(session = %self.id, "a command for a session this node no longer owns was dropped");
+            return;
+        }
+        match command {
+            ToOwner::AppendEvent { event } => self.enqueue(event, None, ctx),
+            ToOwner::Join {
+                node,
+                conn,
+                user,
+                reference,
+                since,
+                epoch,
+            } => {
+                let outbox = self.remote.outbox(Some(&node), &conn);
+                let join = Join {
+                    conn: conn.clone(),
+                    user,
+                    outbox: outbox.clone(),
+                    reference: reference.clone(),
+                    since,
+                    epoch,
+                };
+                if let Err(refusal) = Handler::<Join>::handle(self, join, ctx) {
+                    let error = ServerFrame::error(reference.as_deref(), &refusal).encode();
+                    outbox.do_send(Deliver {
+                        ends_membership: Some(self.id.clone()),
+                        ..Deliver::ordered(error)
+                    });
+                    self.remote.forget(&conn);
+                }
+            }
+            ToOwner::Chat {
+                conn,
+                actor,
+                text,
+                reference,
+            } => {
+                let reply = self.remote.reply(&conn, reference);
+                let chat = PostChat {
+                    conn: Some(conn),
+                    actor,
+                    text,
+                    reply,
+                };
+                Handler::<PostChat>::handle(self, chat, ctx);
+            }
+            ToOwner::Edit {
+                conn,
+                actor,
+                doc,
+                base,
+                ops,
+                reference,
+            } => {
+                let reply = self.remote.reply(&conn, reference);
+                let edit = Edit {
+                    conn: Some(conn),
+                    actor,
+                    doc,
+                    base,
+                    ops,
+                    reply,
+                };
+                Handler::<Edit>::handle(self, edit, ctx);
+            }
+            ToOwner::Presence { conn, state } => {
+                let outbox = self.remote.outbox(None, &conn);
+                Handler::<SetPresence>::handle(
+                    self,
+                    SetPresence {
+                        conn,
+                        state,
+                        outbox,
+                    },
+                    ctx,
+                );
+            }
+            ToOwner::Leave { conn, reference } => {
+                let reply = self.remote.reply(&conn, reference);
+                self.remote.forget(&conn);
+                Handler::<Leave>::handle(self, Leave { conn, reply }, ctx);
+            }
+            ToOwner::Disconnect { conn } => self.drop_remote(conn, ctx),
+            ToOwner::Keepalive { node, conns } => {
+                for conn in self.remote.keepalive(&node, &conns) {
+                    self.drop_remote(conn, ctx);
+                }
+            }
+        }
+    }
+
+    /// A remote client is gone (its socket closed, or its relay's node is silent).
+    fn drop_remote(&mut self, conn: ConnId, ctx: &mut Context<Self>) {
+        self.remote.forget(&conn);
+        Handler::<Disconnect>::handle(self, Disconnect { conn }, ctx);
+    }
+
+    /// As the owner, every third of the lease TTL: forgets the clients of relays whose node has
+    /// not been heard from for a whole TTL (it crashed, or lost the bus).
+    fn forget_silent_relays(&mut self, ctx: &mut Context<Self>) {
+        for conn in self.remote.silent(self.limits().owner_lease_ttl()) {
+            tracing::info!(session = %self.id, %conn, "forgetting a client whose relay is silent");
+            self.drop_remote(conn, ctx);
+        }
+    }
 }
 
 impl Handler<LeasesRenewed> for SessionActor {

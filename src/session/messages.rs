@@ -21,7 +21,8 @@ use crate::session::ot::Component;
 pub type ConnId = Arc<str>;
 
 /// How urgent a frame is when a client falls behind: presence may be dropped, the rest may not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FrameClass {
     /// Ordered frames: acks, events, joined, reset. Never dropped; a client that cannot keep up
     /// with them is disconnected and resumes from its offset.
@@ -171,6 +172,16 @@ impl Reply {
                 // The handler may have given up (client gone); the commit stands regardless.
                 let _ = tx.send(Ok(committed));
             }
+        }
+    }
+
+    /// The `ref` of a socket client's request whose answer comes from elsewhere: the session's
+    /// owner on another node, through its relay. An HTTP reply, which no relay can carry back,
+    /// is handed back.
+    pub fn into_reference(self) -> Result<Option<String>, Self> {
+        match self {
+            Self::Conn { reference, .. } => Ok(reference),
+            http @ Self::Http(_) => Err(http),
         }
     }
 

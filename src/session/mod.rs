@@ -7,6 +7,8 @@ pub mod log;
 mod messages;
 pub mod ot;
 mod registry;
+mod relay;
+mod remote;
 
 pub use actor::SessionActor;
 #[cfg(feature = "fault-injection")]

@@ -1,0 +1,149 @@
+//! `conclave load` against real nodes, run as a user runs it (the binary, `--json`), briefly and
+//! with small N. Each run must account for every message it sent (acked, no errors, nothing
+//! unfinished) and converge; the native run across two nodes also checks that relays keep one
+//! order and one document for clients of a session on different nodes.
+
+mod common;
+
+use common::{PgDatabase, TestServer};
+use serde_json::{Value, json};
+
+/// Runs `conclave load ARGS --json` and returns its report; fails on a failing exit status
+/// (which includes a run that did not converge).
+fn load(args: &[&str]) -> Value {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conclave"))
+        .arg("load")
+        .args(args)
+        .args(["--json", "--timeout", "10s", "--drain", "10s"])
+        .output()
+        .expect("running conclave load");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "conclave load {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e}): {stdout}"))
+}
+
+/// The checks every chat/edit run shares: all `expected` sends were acked, nothing failed, and
+/// every client converged.
+fn assert_accounted(report: &Value, clients: u64, expected: u64) {
+    assert_eq!(report["stopped_by"], "count", "{report}");
+    assert_eq!(report["connections"]["opened"], clients, "{report}");
+    assert_eq!(report["connections"]["failed"], 0, "{report}");
+    assert_eq!(report["counts"]["sent"], expected, "{report}");
+    assert_eq!(report["errors"], json!({}), "{report}");
+    assert_eq!(report["convergence"]["passed"], true, "{report}");
+    assert!(
+        report["counts"]["delivered"].as_u64() >= Some(expected),
+        "fewer deliveries than messages: {report}"
+    );
+}
+
+/// The node's address as the load generator takes it.
+fn base(server: &TestServer) -> String {
+    format!("ws://{}", server.addr)
+}
+
+fn native(url: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "native",
+        "--url",
+        url,
+        "--sessions",
+        "2",
+        "--clients",
+        "3",
+        "--rate",
+        "20",
+        "--count",
+        "20",
+        "--edits",
+        "0.3",
+        "--ramp-up",
+        "300ms",
+    ];
+    args.extend_from_slice(extra);
+    load(&args)
+}
+
+#[test]
+fn native_load_is_fully_accounted_for_and_converges() {
+    let server = TestServer::sqlite();
+    let report = native(&base(&server), &[]);
+    assert_accounted(&report, 6, 120);
+    assert_eq!(report["counts"]["acked"], 120, "{report}");
+}
+
+/// Clients of each session on two nodes of one cluster: the node that does not own a session
+/// relays its clients to the owner, through Redis. Every chat and edit is acked, every client
+/// sees the same events in the same order, and every replica of each document converges.
+#[test]
+fn native_load_across_two_nodes_converges_through_relays() {
+    let db = PgDatabase::create();
+    let prefix = format!("load-{}", uuid::Uuid::now_v7());
+    let node = |prefix: String| {
+        let url = db.url.clone();
+        TestServer::sqlite_with(move |config| {
+            config.database_url = Some(url);
+            config.redis_url = Some("redis://127.0.0.1:6379".into());
+            config.bus_prefix = prefix;
+        })
+    };
+    let (a, b) = (node(prefix.clone()), node(prefix));
+    let also = base(&b);
+    let report = native(&base(&a), &["--also-url", &also]);
+    assert_accounted(&report, 6, 120);
+    assert_eq!(report["counts"]["acked"], 120, "{report}");
+    assert!(
+        report["latency_ms"]["broadcast"]["count"].as_u64() > Some(0),
+        "no broadcast latency was measured: {report}"
+    );
+}
+
+#[test]
+fn yjs_load_is_fully_accounted_for_and_converges() {
+    let server = TestServer::sqlite();
+    let url = format!("{}/v1/yjs", base(&server));
+    let report = load(&[
+        "yjs",
+        "--url",
+        &url,
+        "--sessions",
+        "2",
+        "--clients",
+        "3",
+        "--rate",
+        "20",
+        "--count",
+        "20",
+    ]);
+    assert_accounted(&report, 6, 120);
+}
+
+#[test]
+fn tasks_load_completes_every_task_on_a_real_node() {
+    let server = TestServer::sqlite();
+    let report = load(&[
+        "tasks",
+        "--url",
+        &base(&server),
+        "--workers",
+        "2",
+        "--capacity",
+        "2",
+        "--count",
+        "100",
+        "--submitters",
+        "2",
+        "--duration",
+        "60s",
+    ]);
+    assert_eq!(report["stopped_by"], "count", "{report}");
+    assert_eq!(report["counts"]["submitted"], 100, "{report}");
+    assert_eq!(report["counts"]["completed"], 100, "{report}");
+    assert_eq!(report["counts"]["unfinished_at_end"], 0, "{report}");
+    assert_eq!(report["errors"], json!({}), "{report}");
+}
