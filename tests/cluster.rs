@@ -909,3 +909,77 @@ async fn after_a_redis_restart_a_relayed_client_gets_what_it_missed_from_the_log
         .await;
     assert_eq!(live["offset"], after, "{live}");
 }
+
+/// The text a fresh Yjs client on `addr` syncs for `path` (sync step 1 with an empty state
+/// vector, then the server's step 2 applied to an empty doc).
+async fn yjs_synced_text(addr: std::net::SocketAddr, path: &str) -> String {
+    use futures_util::SinkExt;
+    use yrs::sync::{Message as YMessage, SyncMessage};
+    use yrs::updates::decoder::Decode;
+    use yrs::updates::encoder::Encode;
+    use yrs::{GetString, Transact};
+    let mut socket = common::yjs::yjs_connect(addr, path, "")
+        .await
+        .expect("yjs connects");
+    let step1 = YMessage::Sync(SyncMessage::SyncStep1(yrs::StateVector::default())).encode_v1();
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::Binary(
+            step1.into(),
+        ))
+        .await
+        .expect("send step 1");
+    let YMessage::Sync(SyncMessage::SyncStep2(update)) = common::yjs::yjs_until(&mut socket, |m| {
+        matches!(m, YMessage::Sync(SyncMessage::SyncStep2(_)))
+    })
+    .await
+    else {
+        unreachable!("yjs_until returned another message");
+    };
+    let doc = yrs::Doc::with_options(yrs::Options {
+        offset_kind: yrs::OffsetKind::Utf16,
+        ..yrs::Options::default()
+    });
+    let text = doc.get_or_insert_text("content");
+    doc.transact_mut()
+        .apply_update(yrs::Update::decode_v1(&update).expect("step 2 decodes"))
+        .expect("step 2 applies");
+    text.get_string(&doc.transact())
+}
+
+/// Yjs sockets on a node that does not own the session are relayed too: an update typed on
+/// node b reaches the owner's JSON client as a `doc` frame and its log, an update on the owner
+/// reaches a Yjs client that syncs on node b, and both nodes' Yjs clients agree with REST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yjs_clients_on_a_relay_node_edit_the_owners_document() {
+    use common::yjs::{yjs_connect, yjs_insert};
+    let db = PgDatabase::create();
+    let prefix = format!("test-{}", uuid::Uuid::now_v7());
+    let a = bus_node_on(&db, &prefix);
+    let b = bus_node_on(&db, &prefix);
+    let session = "yjs-relay";
+    let path = format!("{session}/main");
+    let mut ada = WsClient::connect_hello(&a.ws_url(), "Ada").await;
+    ada.join(session, None, None).await;
+
+    let mut on_b = yjs_connect(b.addr, &path, "").await.expect("yjs on b");
+    yjs_insert(&mut on_b, "typed on b. ").await;
+    let doc = ada
+        .recv_until_within(Duration::from_secs(10), |f| f["type"] == "doc")
+        .await;
+    assert_eq!(doc["ops"], json!([{"insert": "typed on b. "}]), "{doc}");
+
+    let mut on_a = yjs_connect(a.addr, &path, "").await.expect("yjs on a");
+    yjs_insert(&mut on_a, "typed on a.").await;
+    ada.recv_until_within(Duration::from_secs(10), |f| {
+        f["type"] == "doc" && f["version"] == 2
+    })
+    .await;
+
+    let want = "typed on b. typed on a.";
+    let (status, body) =
+        common::get_json(&format!("{}/v1/sessions/{session}/docs/main", a.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["text"], want, "{body}");
+    assert_eq!(yjs_synced_text(b.addr, &path).await, want);
+    assert_eq!(yjs_synced_text(a.addr, &path).await, want);
+}

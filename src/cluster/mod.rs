@@ -10,4 +10,4 @@ mod wire;
 pub use bus::{Bus, BusError, Channel, LocalBus, SharedBus, Subscription};
 pub use publisher::OrderedPublisher;
 pub use redis_bus::RedisBus;
-pub use wire::{RelayFrame, ToOwner, decode, decode_to_owner};
+pub use wire::{RelayBody, RelayFrame, ToOwner, decode, decode_to_owner};

@@ -26,7 +26,9 @@ use crate::telemetry;
 pub enum ToOwner {
     /// Append an event another node produced for the session (a task or council transition,
     /// already durable in its own table).
-    AppendEvent { event: NewEvent },
+    AppendEvent {
+        event: NewEvent,
+    },
     /// A client of the relay on `node` joins, as `join` does on the owner itself.
     Join {
         node: String,
@@ -51,16 +53,49 @@ pub enum ToOwner {
         reference: Option<String>,
     },
     /// Opaque user data, relayed as it came.
-    Presence { conn: ConnId, state: Box<RawValue> },
+    Presence {
+        conn: ConnId,
+        state: Box<RawValue>,
+    },
     Leave {
         conn: ConnId,
         reference: Option<String>,
     },
     /// The client's socket closed.
-    Disconnect { conn: ConnId },
+    Disconnect {
+        conn: ConnId,
+    },
     /// The relay on `node` is alive and still has these clients (every third of the lease
     /// TTL). The owner forgets the clients of a relay it has not heard from for a whole TTL.
-    Keepalive { node: String, conns: Vec<ConnId> },
+    Keepalive {
+        node: String,
+        conns: Vec<ConnId>,
+    },
+    /// A Yjs client of the relay on `node` opens document `doc`.
+    YjsAttach {
+        node: String,
+        conn: ConnId,
+        user: UserInfo,
+        doc: DocName,
+    },
+    /// The client's sync step 1: its state vector, encoded (v1).
+    YjsSyncStep1 {
+        conn: ConnId,
+        state_vector: Vec<u8>,
+    },
+    /// A Yjs update (v1), as the client sent it.
+    YjsUpdate {
+        conn: ConnId,
+        data: Vec<u8>,
+    },
+    /// An awareness update, encoded (v1).
+    YjsAwareness {
+        conn: ConnId,
+        update: Vec<u8>,
+    },
+    YjsAwarenessQuery {
+        conn: ConnId,
+    },
 }
 
 impl ToOwner {
@@ -79,12 +114,28 @@ pub struct RelayFrame {
     pub epoch: i64,
     pub seq: u64,
     pub conn: ConnId,
-    /// The encoded server frame, as the client is to receive it.
-    pub frame: String,
-    pub class: FrameClass,
-    /// The last frame of the client's membership (`archived`, or the session moved).
-    #[serde(default)]
-    pub ends_membership: bool,
+    pub body: RelayBody,
+}
+
+/// What the client is to receive, as it is to receive it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayBody {
+    /// A JSON frame for a `/v1/ws` client.
+    Text {
+        frame: String,
+        class: FrameClass,
+        /// The last frame of the client's membership (`archived`, or the session moved).
+        #[serde(default)]
+        ends_membership: bool,
+    },
+    /// A y-websocket frame for a Yjs client (bytes as a JSON array: Yjs frames are small).
+    Binary {
+        frame: Vec<u8>,
+        /// Close the socket after it: the client resyncs by state vector wherever it reconnects.
+        #[serde(default)]
+        then_close: bool,
+    },
 }
 
 impl RelayFrame {

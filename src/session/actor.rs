@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
 
 use super::document::Document;
 use super::log::{self, ChatData, Event, EventKind, MemberData, NewEvent};
@@ -1284,6 +1286,10 @@ impl Handler<YjsAttach> for SessionActor {
     type Result = Result<(), Refusal>;
 
     fn handle(&mut self, msg: YjsAttach, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(relay) = &mut self.relay {
+            relay.attach_yjs(msg);
+            return Ok(());
+        }
         if !self.loaded {
             return Err(self.unserved());
         }
@@ -1322,6 +1328,12 @@ impl Handler<YjsSyncStep1> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: YjsSyncStep1, _ctx: &mut Context<Self>) {
+        if let Some(relay) = &self.relay {
+            return relay.forward(&ToOwner::YjsSyncStep1 {
+                conn: msg.conn,
+                state_vector: msg.state_vector.encode_v1(),
+            });
+        }
         if let Some(subscriber) = self.yjs_subscribers.get_mut(&msg.conn) {
             subscriber.awaiting_sync = Some(msg.state_vector);
         }
@@ -1333,6 +1345,12 @@ impl Handler<YjsUpdate> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: YjsUpdate, ctx: &mut Context<Self>) {
+        if let Some(relay) = &self.relay {
+            return relay.forward(&ToOwner::YjsUpdate {
+                conn: msg.conn,
+                data: msg.data,
+            });
+        }
         let Some(subscriber) = self.yjs_subscribers.get(&msg.conn) else {
             return;
         };
@@ -1380,6 +1398,12 @@ impl Handler<YjsAwareness> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: YjsAwareness, _ctx: &mut Context<Self>) {
+        if let Some(relay) = &self.relay {
+            return relay.forward(&ToOwner::YjsAwareness {
+                conn: msg.conn,
+                update: msg.update.encode_v1(),
+            });
+        }
         let Some(subscriber) = self.yjs_subscribers.get_mut(&msg.conn) else {
             return;
         };
@@ -1403,6 +1427,9 @@ impl Handler<YjsAwarenessQuery> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: YjsAwarenessQuery, _ctx: &mut Context<Self>) {
+        if let Some(relay) = &self.relay {
+            return relay.forward(&ToOwner::YjsAwarenessQuery { conn: msg.conn });
+        }
         let Some(subscriber) = self.yjs_subscribers.get(&msg.conn) else {
             return;
         };
@@ -1669,6 +1696,51 @@ impl SessionActor {
                 for conn in self.remote.keepalive(&node, &conns) {
                     self.drop_remote(conn, ctx);
                 }
+            }
+            ToOwner::YjsAttach {
+                node,
+                conn,
+                user,
+                doc,
+            } => {
+                let outbox = self.remote.binary_outbox(Some(&node), &conn);
+                let attach = YjsAttach {
+                    conn: conn.clone(),
+                    user,
+                    doc,
+                    outbox: outbox.clone(),
+                };
+                if Handler::<YjsAttach>::handle(self, attach, ctx).is_err() {
+                    outbox.do_send(DeliverBinary {
+                        frame: bytes::Bytes::new(),
+                        then_close: true,
+                    });
+                    self.remote.forget(&conn);
+                }
+            }
+            ToOwner::YjsSyncStep1 { conn, state_vector } => {
+                match yrs::StateVector::decode_v1(&state_vector) {
+                    Ok(state_vector) => {
+                        let step = YjsSyncStep1 { conn, state_vector };
+                        Handler::<YjsSyncStep1>::handle(self, step, ctx);
+                    }
+                    Err(err) => tracing::warn!(%err, "a relayed state vector did not decode"),
+                }
+            }
+            ToOwner::YjsUpdate { conn, data } => {
+                Handler::<YjsUpdate>::handle(self, YjsUpdate { conn, data }, ctx);
+            }
+            ToOwner::YjsAwareness { conn, update } => {
+                match yrs::sync::awareness::AwarenessUpdate::decode_v1(&update) {
+                    Ok(update) => {
+                        let update = YjsAwareness { conn, update };
+                        Handler::<YjsAwareness>::handle(self, update, ctx);
+                    }
+                    Err(err) => tracing::warn!(%err, "a relayed awareness update did not decode"),
+                }
+            }
+            ToOwner::YjsAwarenessQuery { conn } => {
+                Handler::<YjsAwarenessQuery>::handle(self, YjsAwarenessQuery { conn }, ctx);
             }
         }
     }

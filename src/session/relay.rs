@@ -13,7 +13,8 @@
 //! - **a new owner** (the lease moved, or lapsed): the client joins again, wherever the session
 //!   now lives.
 //!
-//! Both end the client's membership with a `conflict` error, as a deposed owner does.
+//! Both end a native client's membership with a `conflict` error, as a deposed owner does, and
+//! close a Yjs socket, whose client resyncs by state vector when it reconnects.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,8 +22,8 @@ use std::time::{Duration, Instant};
 use actix::Recipient;
 
 use super::ConnId;
-use super::messages::{Deliver, FrameClass, Join};
-use crate::cluster::{Channel, OrderedPublisher, RelayFrame, SharedBus, ToOwner};
+use super::messages::{Deliver, DeliverBinary, FrameClass, Join, YjsAttach};
+use crate::cluster::{Channel, OrderedPublisher, RelayBody, RelayFrame, SharedBus, ToOwner};
 use crate::protocol::frames::ServerFrame;
 use crate::protocol::{ErrorCode, Refusal, SessionId};
 
@@ -33,8 +34,14 @@ const JOIN_RESEND: Duration = Duration::from_secs(1);
 /// How long a client that left is still sent its frames (its `leave` ack is on the way).
 const LEAVE_GRACE: Duration = Duration::from_secs(5);
 
+/// Where a local client's frames go: a `/v1/ws` client or a Yjs socket.
+enum Outbox {
+    Native(Recipient<Deliver>),
+    Yjs(Recipient<DeliverBinary>),
+}
+
 struct LocalClient {
-    outbox: Recipient<Deliver>,
+    outbox: Outbox,
     /// The join as sent, until the owner's first frame for the client arrives.
     unanswered_join: Option<(Instant, ToOwner)>,
     left_at: Option<Instant>,
@@ -92,12 +99,27 @@ impl Relay {
             since: msg.since,
             epoch: msg.epoch,
         };
-        self.forward(&command);
+        self.add_client(msg.conn, Outbox::Native(msg.outbox), command);
+    }
+
+    /// A Yjs client opens a document; the owner answers with its sync step 1.
+    pub(super) fn attach_yjs(&mut self, msg: YjsAttach) {
+        let command = ToOwner::YjsAttach {
+            node: self.node.clone(),
+            conn: msg.conn.clone(),
+            user: msg.user,
+            doc: msg.doc,
+        };
+        self.add_client(msg.conn, Outbox::Yjs(msg.outbox), command);
+    }
+
+    fn add_client(&mut self, conn: ConnId, outbox: Outbox, join: ToOwner) {
+        self.forward(&join);
         self.clients.insert(
-            msg.conn,
+            conn,
             LocalClient {
-                outbox: msg.outbox,
-                unanswered_join: Some((Instant::now(), command)),
+                outbox,
+                unanswered_join: Some((Instant::now(), join)),
                 left_at: None,
             },
         );
@@ -132,6 +154,9 @@ impl Relay {
         self.last = Some((frame.epoch, frame.seq));
         if hole {
             tracing::warn!(session = %self.session, seq = frame.seq, "frames from the owner were lost; clients resume from their offsets");
+            // The outage that lost them is answered here: `tick` must not end the clients'
+            // new memberships for it again. (The bus counts it before routing anything after.)
+            self.outages = self.bus.outages();
             self.end_all("frames from its owner were lost on the cluster bus");
             return false;
         }
@@ -139,12 +164,34 @@ impl Relay {
             return true; // a client of another relay
         };
         client.unanswered_join = None;
-        let ends = frame.ends_membership;
-        client.outbox.do_send(Deliver {
-            frame: frame.frame.into(),
-            class: frame.class,
-            ends_membership: ends.then(|| self.session.clone()),
-        });
+        let ends = match (frame.body, &client.outbox) {
+            (
+                RelayBody::Text {
+                    frame: text,
+                    class,
+                    ends_membership,
+                },
+                Outbox::Native(outbox),
+            ) => {
+                outbox.do_send(Deliver {
+                    frame: text.into(),
+                    class,
+                    ends_membership: ends_membership.then(|| self.session.clone()),
+                });
+                ends_membership
+            }
+            (RelayBody::Binary { frame, then_close }, Outbox::Yjs(outbox)) => {
+                outbox.do_send(DeliverBinary {
+                    frame: frame.into(),
+                    then_close,
+                });
+                then_close
+            }
+            _ => {
+                tracing::warn!(session = %self.session, conn = %frame.conn, "a frame of the wrong kind for its client was dropped");
+                false
+            }
+        };
         if ends {
             self.clients.remove(&frame.conn);
         }
@@ -158,6 +205,9 @@ impl Relay {
         let outages = self.bus.outages();
         if outages != self.outages {
             self.outages = outages;
+            // Numbering starts over for this relay: the next frame is not compared with one
+            // from before the outage, or the same loss would end the new memberships too.
+            self.last = None;
             self.end_all("the cluster bus was down, and frames from its owner may be lost");
             return false;
         }
@@ -193,10 +243,17 @@ impl Relay {
         );
         let error = ServerFrame::error(None, &refusal).encode();
         for (conn, client) in self.clients.drain() {
-            client.outbox.do_send(Deliver {
-                ends_membership: Some(self.session.clone()),
-                ..Deliver::new(error.clone(), FrameClass::Ordered)
-            });
+            match client.outbox {
+                Outbox::Native(outbox) => outbox.do_send(Deliver {
+                    ends_membership: Some(self.session.clone()),
+                    ..Deliver::new(error.clone(), FrameClass::Ordered)
+                }),
+                // A Yjs socket is closed; its client resyncs by state vector on reconnect.
+                Outbox::Yjs(outbox) => outbox.do_send(DeliverBinary {
+                    frame: bytes::Bytes::new(),
+                    then_close: true,
+                }),
+            }
             self.to_owner.publish(ToOwner::Disconnect { conn }.encode());
         }
     }

@@ -10,17 +10,21 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, Context, Handler, Recipient};
+use actix::{Actor, Addr, Context, Handler, Recipient};
 use tokio::sync::mpsc;
 
-use super::messages::{Deliver, Reply, Unanswered};
-use crate::cluster::{Channel, RelayFrame, SharedBus};
+use super::ConnId;
+use super::messages::{Deliver, DeliverBinary, Reply, Unanswered};
+use crate::cluster::{Channel, RelayBody, RelayFrame, SharedBus};
 use crate::protocol::SessionId;
 
-/// The outbox of one remote client: a subscriber like any other, as far as the session knows.
+type OutQueue = mpsc::UnboundedSender<(ConnId, RelayBody)>;
+
+/// The outbox of one remote client: a subscriber like any other, as far as the session knows,
+/// native or Yjs.
 struct RemoteConn {
-    conn: super::ConnId,
-    out: mpsc::UnboundedSender<(super::ConnId, Deliver)>,
+    conn: ConnId,
+    out: OutQueue,
 }
 
 impl Actor for RemoteConn {
@@ -31,13 +35,30 @@ impl Handler<Deliver> for RemoteConn {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, _ctx: &mut Context<Self>) {
-        let _ = self.out.send((self.conn.clone(), msg));
+        let body = RelayBody::Text {
+            frame: msg.frame.to_string(),
+            class: msg.class,
+            ends_membership: msg.ends_membership.is_some(),
+        };
+        let _ = self.out.send((self.conn.clone(), body));
+    }
+}
+
+impl Handler<DeliverBinary> for RemoteConn {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeliverBinary, _ctx: &mut Context<Self>) {
+        let body = RelayBody::Binary {
+            frame: msg.frame.to_vec(),
+            then_close: msg.then_close,
+        };
+        let _ = self.out.send((self.conn.clone(), body));
     }
 }
 
 struct RemoteClient {
     node: String,
-    outbox: Recipient<Deliver>,
+    outbox: Addr<RemoteConn>,
 }
 
 /// The remote clients of one owned session, and the relays they came through.
@@ -47,8 +68,8 @@ pub(super) struct RemoteClients {
     /// The lease epoch the out channel's frames are numbered under.
     epoch: i64,
     /// Started at the first remote client.
-    out: Option<mpsc::UnboundedSender<(super::ConnId, Deliver)>>,
-    clients: HashMap<super::ConnId, RemoteClient>,
+    out: Option<OutQueue>,
+    clients: HashMap<ConnId, RemoteClient>,
     /// When each relay node last said it was alive.
     heard: HashMap<String, Instant>,
     /// Stands in for the connection's own count of unanswered requests, which lives on the
@@ -75,11 +96,20 @@ impl RemoteClients {
     }
 
     /// The outbox of remote client `conn` of the relay on `node`, made on first use.
-    pub(super) fn outbox(
+    pub(super) fn outbox(&mut self, node: Option<&str>, conn: &ConnId) -> Recipient<Deliver> {
+        self.remote_conn(node, conn).recipient()
+    }
+
+    /// The outbox of remote Yjs client `conn` of the relay on `node`, made on first use.
+    pub(super) fn binary_outbox(
         &mut self,
         node: Option<&str>,
-        conn: &super::ConnId,
-    ) -> Recipient<Deliver> {
+        conn: &ConnId,
+    ) -> Recipient<DeliverBinary> {
+        self.remote_conn(node, conn).recipient()
+    }
+
+    fn remote_conn(&mut self, node: Option<&str>, conn: &ConnId) -> Addr<RemoteConn> {
         if let Some(node) = node {
             self.heard.insert(node.to_owned(), Instant::now());
         }
@@ -97,8 +127,7 @@ impl RemoteClients {
             conn: conn.clone(),
             out,
         }
-        .start()
-        .recipient();
+        .start();
         self.clients.insert(
             conn.clone(),
             RemoteClient {
@@ -110,7 +139,7 @@ impl RemoteClients {
     }
 
     /// Where the answer to a remote client's request goes: its outbox, in order with the rest.
-    pub(super) fn reply(&mut self, conn: &super::ConnId, reference: Option<String>) -> Reply {
+    pub(super) fn reply(&mut self, conn: &ConnId, reference: Option<String>) -> Reply {
         Reply::Conn {
             outbox: self.outbox(None, conn),
             reference,
@@ -118,15 +147,15 @@ impl RemoteClients {
         }
     }
 
-    pub(super) fn forget(&mut self, conn: &super::ConnId) {
+    pub(super) fn forget(&mut self, conn: &ConnId) {
         self.clients.remove(conn);
     }
 
     /// A relay's keepalive: returns its clients the owner has but the relay no longer has
     /// (their disconnect was lost on the bus).
-    pub(super) fn keepalive(&mut self, node: &str, conns: &[super::ConnId]) -> Vec<super::ConnId> {
+    pub(super) fn keepalive(&mut self, node: &str, conns: &[ConnId]) -> Vec<ConnId> {
         self.heard.insert(node.to_owned(), Instant::now());
-        let still: HashSet<&super::ConnId> = conns.iter().collect();
+        let still: HashSet<&ConnId> = conns.iter().collect();
         self.clients
             .iter()
             .filter(|(conn, client)| client.node == node && !still.contains(conn))
@@ -135,7 +164,7 @@ impl RemoteClients {
     }
 
     /// The clients of relays not heard from within `ttl`: their node is gone.
-    pub(super) fn silent(&self, ttl: Duration) -> Vec<super::ConnId> {
+    pub(super) fn silent(&self, ttl: Duration) -> Vec<ConnId> {
         self.clients
             .iter()
             .filter(|(_, client)| {
@@ -150,24 +179,18 @@ impl RemoteClients {
 
 /// The out-channel task of one session: numbers each frame and publishes it, one at a time, so
 /// relays receive them in the order the session sent them.
-fn spawn_out(
-    bus: SharedBus,
-    session: SessionId,
-    epoch: i64,
-) -> mpsc::UnboundedSender<(super::ConnId, Deliver)> {
-    let (out, mut frames) = mpsc::unbounded_channel::<(super::ConnId, Deliver)>();
+fn spawn_out(bus: SharedBus, session: SessionId, epoch: i64) -> OutQueue {
+    let (out, mut frames) = mpsc::unbounded_channel::<(ConnId, RelayBody)>();
     tokio::spawn(async move {
         let channel = Channel::SessionOut(session);
         let mut seq = 0;
-        while let Some((conn, deliver)) = frames.recv().await {
+        while let Some((conn, body)) = frames.recv().await {
             seq += 1;
             let frame = RelayFrame {
                 epoch,
                 seq,
                 conn,
-                frame: deliver.frame.to_string(),
-                class: deliver.class,
-                ends_membership: deliver.ends_membership.is_some(),
+                body,
             };
             if let Err(err) = bus.publish(&channel, frame.encode()).await {
                 tracing::debug!(%err, "a frame for a relay was not published");
