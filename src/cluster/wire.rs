@@ -106,19 +106,21 @@ impl ToOwner {
     }
 }
 
-/// One frame of the owner for one client of a relay (`Channel::SessionOut`). `seq` counts the
-/// out channel's frames under one owner `epoch` (the lease's), with no holes: a relay that sees
-/// one has lost frames (the bus was down) and makes its clients resume from their offsets.
+/// One frame of the owner for some clients of its relays (`Channel::SessionOut`): a broadcast
+/// goes once for all of them, and each relay hands it to those of `conns` that are its own.
+/// `seq` counts the out channel's frames under one owner `epoch` (the lease's), with no holes: a
+/// relay that sees one has lost frames (the bus was down) and makes its clients resume from
+/// their offsets.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RelayFrame {
     pub epoch: i64,
     pub seq: u64,
-    pub conn: ConnId,
+    pub conns: Vec<ConnId>,
     pub body: RelayBody,
 }
 
-/// What the client is to receive, as it is to receive it.
-#[derive(Debug, Serialize, Deserialize)]
+/// What the clients are to receive, as they are to receive it.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RelayBody {
     /// A JSON frame for a `/v1/ws` client.

@@ -34,6 +34,12 @@ const JOIN_RESEND: Duration = Duration::from_secs(1);
 /// How long a client that left is still sent its frames (its `leave` ack is on the way).
 const LEAVE_GRACE: Duration = Duration::from_secs(5);
 
+/// A frame of the owner, ready to hand to any number of local clients.
+enum Body {
+    Text(bytestring::ByteString, FrameClass, bool),
+    Binary(bytes::Bytes, bool),
+}
+
 /// Where a local client's frames go: a `/v1/ws` client or a Yjs socket.
 enum Outbox {
     Native(Recipient<Deliver>),
@@ -146,9 +152,9 @@ impl Relay {
             .is_some_and(|client| client.left_at.is_none())
     }
 
-    /// Hands one frame of the owner to its client. A hole in the sequence means frames were
-    /// lost: every client is sent back to resume, and `false` is returned.
-    pub(super) fn deliver(&mut self, frame: RelayFrame) -> bool {
+    /// Hands one frame of the owner to those of its clients that are this relay's. A hole in
+    /// the sequence means frames were lost: every client is sent back to resume instead.
+    pub(super) fn deliver(&mut self, frame: RelayFrame) {
         let hole =
             matches!(self.last, Some((epoch, seq)) if epoch == frame.epoch && frame.seq != seq + 1);
         self.last = Some((frame.epoch, frame.seq));
@@ -157,59 +163,60 @@ impl Relay {
             // The outage that lost them is answered here: `tick` must not end the clients'
             // new memberships for it again. (The bus counts it before routing anything after.)
             self.outages = self.bus.outages();
-            self.end_all("frames from its owner were lost on the cluster bus");
-            return false;
+            return self.end_all("frames from its owner were lost on the cluster bus");
         }
-        let Some(client) = self.clients.get_mut(&frame.conn) else {
-            return true; // a client of another relay
+        // Converted once; each client's copy shares the bytes.
+        let body = match frame.body {
+            RelayBody::Text {
+                frame,
+                class,
+                ends_membership,
+            } => Body::Text(frame.into(), class, ends_membership),
+            RelayBody::Binary { frame, then_close } => Body::Binary(frame.into(), then_close),
         };
-        client.unanswered_join = None;
-        let ends = match (frame.body, &client.outbox) {
-            (
-                RelayBody::Text {
-                    frame: text,
-                    class,
-                    ends_membership,
-                },
-                Outbox::Native(outbox),
-            ) => {
-                outbox.do_send(Deliver {
-                    frame: text.into(),
-                    class,
-                    ends_membership: ends_membership.then(|| self.session.clone()),
-                });
-                ends_membership
+        for conn in &frame.conns {
+            let Some(client) = self.clients.get_mut(conn) else {
+                continue; // a client of another relay
+            };
+            client.unanswered_join = None;
+            let ends = match (&body, &client.outbox) {
+                (Body::Text(text, class, ends), Outbox::Native(outbox)) => {
+                    outbox.do_send(Deliver {
+                        frame: text.clone(),
+                        class: *class,
+                        ends_membership: ends.then(|| self.session.clone()),
+                    });
+                    *ends
+                }
+                (Body::Binary(bytes, then_close), Outbox::Yjs(outbox)) => {
+                    outbox.do_send(DeliverBinary {
+                        frame: bytes.clone(),
+                        then_close: *then_close,
+                    });
+                    *then_close
+                }
+                _ => {
+                    tracing::warn!(session = %self.session, %conn, "a frame of the wrong kind for its client was dropped");
+                    false
+                }
+            };
+            if ends {
+                self.clients.remove(conn);
             }
-            (RelayBody::Binary { frame, then_close }, Outbox::Yjs(outbox)) => {
-                outbox.do_send(DeliverBinary {
-                    frame: frame.into(),
-                    then_close,
-                });
-                then_close
-            }
-            _ => {
-                tracing::warn!(session = %self.session, conn = %frame.conn, "a frame of the wrong kind for its client was dropped");
-                false
-            }
-        };
-        if ends {
-            self.clients.remove(&frame.conn);
         }
-        true
     }
 
     /// Every third of the lease TTL: says the relay is alive, sends again joins the owner has
     /// not answered, forgets clients that left, and ends every membership if the bus was down
-    /// meanwhile (whatever the owner published then is lost). `false` if it ended them.
-    pub(super) fn tick(&mut self) -> bool {
+    /// meanwhile (whatever the owner published then is lost).
+    pub(super) fn tick(&mut self) {
         let outages = self.bus.outages();
         if outages != self.outages {
             self.outages = outages;
             // Numbering starts over for this relay: the next frame is not compared with one
             // from before the outage, or the same loss would end the new memberships too.
             self.last = None;
-            self.end_all("the cluster bus was down, and frames from its owner may be lost");
-            return false;
+            return self.end_all("the cluster bus was down, and frames from its owner may be lost");
         }
         self.clients.retain(|_, client| {
             client
@@ -228,7 +235,6 @@ impl Relay {
             node: self.node.clone(),
             conns: self.clients.keys().cloned().collect(),
         });
-        true
     }
 
     /// Ends every client's membership with a `conflict` error saying `why`: each joins again

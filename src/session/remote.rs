@@ -177,25 +177,106 @@ impl RemoteClients {
     }
 }
 
-/// The out-channel task of one session: numbers each frame and publishes it, one at a time, so
-/// relays receive them in the order the session sent them.
+/// The most frames the out task merges in one go.
+const MERGE_WINDOW: usize = 256;
+
+/// The out-channel task of one session: takes what the remote clients' outboxes queued, merges
+/// the copies of each broadcast into one frame for all its clients ([`merge`]), numbers the
+/// frames and publishes them, one at a time, so relays receive them in the session's order.
 fn spawn_out(bus: SharedBus, session: SessionId, epoch: i64) -> OutQueue {
-    let (out, mut frames) = mpsc::unbounded_channel::<(ConnId, RelayBody)>();
+    let (out, mut queued) = mpsc::unbounded_channel::<(ConnId, RelayBody)>();
     tokio::spawn(async move {
         let channel = Channel::SessionOut(session);
         let mut seq = 0;
-        while let Some((conn, body)) = frames.recv().await {
-            seq += 1;
-            let frame = RelayFrame {
-                epoch,
-                seq,
-                conn,
-                body,
-            };
-            if let Err(err) = bus.publish(&channel, frame.encode()).await {
-                tracing::debug!(%err, "a frame for a relay was not published");
+        while let Some(first) = queued.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MERGE_WINDOW
+                && let Ok(next) = queued.try_recv()
+            {
+                batch.push(next);
+            }
+            for (conns, body) in merge(batch) {
+                seq += 1;
+                let frame = RelayFrame {
+                    epoch,
+                    seq,
+                    conns,
+                    body,
+                };
+                if let Err(err) = bus.publish(&channel, frame.encode()).await {
+                    tracing::debug!(%err, "a frame for relays was not published");
+                }
             }
         }
     });
     out
+}
+
+/// Merges equal frames queued for different clients into one, keeping each client's frames in
+/// the order they were queued. The outboxes run as separate actors, so one broadcast's copies
+/// can interleave with the next's: `(1,A) (1,B) (2,A) (2,B)` becomes `({1,2},A) ({1,2},B)`.
+/// A frame joins the first equal one placed after that client's previous frame.
+fn merge(batch: Vec<(ConnId, RelayBody)>) -> Vec<(Vec<ConnId>, RelayBody)> {
+    let mut merged: Vec<(Vec<ConnId>, RelayBody)> = Vec::new();
+    let mut last_of: HashMap<ConnId, usize> = HashMap::new();
+    for (conn, body) in batch {
+        let after = last_of.get(&conn).map_or(0, |&i| i + 1);
+        let index = match merged[after.min(merged.len())..]
+            .iter()
+            .position(|(_, existing)| *existing == body)
+        {
+            Some(offset) => {
+                merged[after + offset].0.push(conn.clone());
+                after + offset
+            }
+            None => {
+                merged.push((vec![conn.clone()], body));
+                merged.len() - 1
+            }
+        };
+        last_of.insert(conn, index);
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::FrameClass;
+
+    fn text(s: &str) -> RelayBody {
+        RelayBody::Text {
+            frame: s.to_owned(),
+            class: FrameClass::Ordered,
+            ends_membership: false,
+        }
+    }
+
+    #[test]
+    fn copies_of_a_broadcast_merge_and_each_clients_order_is_kept() {
+        let (one, two): (ConnId, ConnId) = ("1".into(), "2".into());
+        let batch = vec![
+            (one.clone(), text("A")),
+            (one.clone(), text("B")),
+            (two.clone(), text("A")),
+            (one.clone(), text("A")),
+            (two.clone(), text("B")),
+            (two.clone(), text("ack")),
+        ];
+        let merged: Vec<(Vec<String>, RelayBody)> = merge(batch)
+            .into_iter()
+            .map(|(conns, body)| (conns.iter().map(|c| c.to_string()).collect(), body))
+            .collect();
+        let ids = |ids: &[&str]| ids.iter().map(|id| (*id).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            merged,
+            vec![
+                (ids(&["1", "2"]), text("A")),
+                (ids(&["1", "2"]), text("B")),
+                // 1's second A must come after its B, so it cannot join the first A.
+                (ids(&["1"]), text("A")),
+                (ids(&["2"]), text("ack")),
+            ]
+        );
+    }
 }
