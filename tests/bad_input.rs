@@ -328,3 +328,57 @@ async fn display_names_are_trimmed_bounded_and_never_empty() {
         assert_eq!(welcome["user"]["name"], want.as_str(), "name {name}");
     }
 }
+
+/// A hostile Yjs update whose block clocks run past `u32::MAX` (found by the `yjs` fuzz target;
+/// release builds of yrs 0.28.1 wrapped them and then divided by zero in `apply_update`) is
+/// refused: the session's actor does not panic, the update changes nothing, and the same socket
+/// and another Yjs client go on editing.
+#[tokio::test]
+async fn a_yjs_update_whose_clocks_overflow_is_refused_without_a_panic() {
+    use common::yjs::{yjs_connect, yjs_insert};
+    use futures_util::SinkExt;
+
+    let server = TestServer::sqlite();
+    let base = server.http_url();
+    let session = common::unique_session("yjs-hostile");
+    let path = format!("{session}/main");
+    let hostile = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fuzz/corpus/yjs/divide-by-zero-in-apply-update"
+    ))
+    .expect("the committed reproducer");
+    let panics_before = common::metric(&base, "conclave_actor_panics_total", "").await;
+
+    let mut attacker = yjs_connect(server.addr, &path, "").await.expect("connects");
+    yjs_insert(&mut attacker, "before ").await;
+    for _ in 0..3 {
+        attacker
+            .send(Message::Binary(hostile.clone().into()))
+            .await
+            .expect("send the hostile frame");
+    }
+    yjs_insert(&mut attacker, "after").await;
+
+    let mut editor = yjs_connect(server.addr, &path, "").await.expect("connects");
+    yjs_insert(&mut editor, "!").await;
+    let doc_path = format!("{base}/v1/sessions/{session}/docs/main");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let (status, body) = get_json(&doc_path).await;
+        assert_eq!(status, 200, "{body}");
+        let text = body["text"].as_str().unwrap_or_default().to_owned();
+        if text.contains('!') || tokio::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for word in ["before ", "after", "!"] {
+        assert!(text.contains(word), "{word:?} missing from {text:?}");
+    }
+    assert_eq!(
+        common::metric(&base, "conclave_actor_panics_total", "").await,
+        panics_before,
+        "a session panicked on the hostile update"
+    );
+    assert_healthy(&server).await;
+}

@@ -63,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
             }
             Ok(Message::Awareness(update)) => {
                 clients.extend(update.clients.keys().copied());
-                if doc.awareness_mut().apply_update(update.clone()).is_ok() {
+                if doc.apply_awareness(update.clone()).is_ok() {
                     yjs::awareness(update);
                 }
             }
@@ -77,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     for client in &clients {
-        doc.awareness_mut().remove_state(*client);
+        doc.remove_awareness(*client);
     }
     if let Ok(gone) = doc.awareness().update_with_clients(clients) {
         yjs::awareness(gone);

@@ -596,7 +596,7 @@ impl SessionActor {
             && !subscriber.awareness_clients.is_empty()
         {
             for client in &subscriber.awareness_clients {
-                document.awareness_mut().remove_state(*client);
+                document.remove_awareness(*client);
             }
             if let Ok(update) = document
                 .awareness()
@@ -1414,7 +1414,7 @@ impl Handler<YjsAwareness> for SessionActor {
         }
         let doc = subscriber.doc.clone();
         if let Some(document) = self.docs.get_mut(&doc)
-            && let Err(err) = document.awareness_mut().apply_update(msg.update.clone())
+            && let Err(err) = document.apply_awareness(msg.update.clone())
         {
             tracing::debug!(session = %self.id, %err, "awareness update refused");
             return;

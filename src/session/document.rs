@@ -11,6 +11,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
 use yrs::sync::Awareness;
+use yrs::sync::awareness::AwarenessUpdate;
 use yrs::types::Delta;
 use yrs::types::text::TextEvent;
 use yrs::updates::decoder::Decode;
@@ -65,6 +66,10 @@ fn too_long(len: i64, max_units: u64) -> Refusal {
 /// `debug_assert!` that a client id fits 53 bits (`block.rs`). Release builds wrap and go on.
 /// Decoding touches no state, so such a panic is only a malformed update, refused like any other.
 /// Both were found by the `yjs` fuzz target.
+/// The highest awareness clock accepted from a client. Real clients count one per change of
+/// their state; two billion leaves yrs's own increments far from `u32::MAX`.
+pub const MAX_AWARENESS_CLOCK: u32 = u32::MAX / 2;
+
 fn decode_untrusted(data: &[u8]) -> Result<Update, String> {
     match std::panic::catch_unwind(|| Update::decode_v1(data)) {
         Ok(decoded) => decoded.map_err(|e| e.to_string()),
@@ -346,8 +351,28 @@ impl Document {
         &self.awareness
     }
 
-    pub fn awareness_mut(&mut self) -> &mut Awareness {
-        &mut self.awareness
+    /// Applies a Yjs client's awareness update. An entry whose clock is past
+    /// [`MAX_AWARENESS_CLOCK`] is refused: yrs adds 1 to a client's clock when it removes its
+    /// state (at disconnect), which overflows at `u32::MAX` and panics in builds with overflow
+    /// checks, as the release profile compiles yrs (found by the `yjs` fuzz target).
+    pub fn apply_awareness(&mut self, update: AwarenessUpdate) -> Result<(), Refusal> {
+        if update
+            .clients
+            .values()
+            .any(|entry| entry.clock > MAX_AWARENESS_CLOCK)
+        {
+            return Err(Refusal::bad_request(format!(
+                "awareness clock past {MAX_AWARENESS_CLOCK}"
+            )));
+        }
+        self.awareness
+            .apply_update(update)
+            .map_err(|e| Refusal::bad_request(format!("awareness update refused: {e}")))
+    }
+
+    /// Marks an awareness client gone, as its connection closed.
+    pub fn remove_awareness(&mut self, client: yrs::block::ClientID) {
+        self.awareness.remove_state(client);
     }
 
     /// The version the next edit would be based on, committed or not.
@@ -441,7 +466,32 @@ impl Document {
 mod tests {
     use super::*;
     use crate::protocol::yjs;
+    use yrs::sync::awareness::AwarenessUpdateEntry;
     use yrs::sync::{Message, SyncMessage};
+
+    /// A client announcing a state at clock `u32::MAX` and then disconnecting made yrs add 1 to
+    /// that clock, which panics with overflow checks (found by the `yjs` fuzz target).
+    #[test]
+    fn an_awareness_clock_near_its_end_is_refused_and_removal_stays_safe() {
+        let mut doc = Document::new(DocName::parse("main").expect("name"));
+        let client = yrs::block::ClientID::new(7);
+        let update = |clock| AwarenessUpdate {
+            clients: [(
+                client,
+                AwarenessUpdateEntry {
+                    clock,
+                    json: "{}".into(),
+                },
+            )]
+            .into(),
+        };
+        let refused = doc.apply_awareness(update(u32::MAX));
+        assert!(refused.is_err(), "{refused:?}");
+        doc.apply_awareness(update(MAX_AWARENESS_CLOCK))
+            .expect("the highest clock accepted");
+        doc.remove_awareness(client);
+        doc.remove_awareness(client);
+    }
 
     /// y-websocket frames found by the `yjs` fuzz target (in `fuzz/corpus/yjs/`): their sync step
     /// 2 makes yrs's decoder overflow a `u32` (`overflow_in_update_decode`), or assert that a
