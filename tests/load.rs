@@ -47,24 +47,29 @@ fn base(server: &TestServer) -> String {
     format!("ws://{}", server.addr)
 }
 
+/// The size of every chat and Yjs run: 2 sessions × 3 clients, 20 messages each at 20/s.
+const SMALL: [&str; 8] = [
+    "--sessions",
+    "2",
+    "--clients",
+    "3",
+    "--rate",
+    "20",
+    "--count",
+    "20",
+];
+
 fn native(url: &str, extra: &[&str]) -> Value {
     let mut args = vec![
         "native",
         "--url",
         url,
-        "--sessions",
-        "2",
-        "--clients",
-        "3",
-        "--rate",
-        "20",
-        "--count",
-        "20",
         "--edits",
         "0.3",
         "--ramp-up",
         "300ms",
     ];
+    args.extend_from_slice(&SMALL);
     args.extend_from_slice(extra);
     load(&args)
 }
@@ -107,19 +112,9 @@ fn native_load_across_two_nodes_converges_through_relays() {
 fn yjs_load_is_fully_accounted_for_and_converges() {
     let server = TestServer::sqlite();
     let url = format!("{}/v1/yjs", base(&server));
-    let report = load(&[
-        "yjs",
-        "--url",
-        &url,
-        "--sessions",
-        "2",
-        "--clients",
-        "3",
-        "--rate",
-        "20",
-        "--count",
-        "20",
-    ]);
+    let mut args = vec!["yjs", "--url", url.as_str()];
+    args.extend_from_slice(&SMALL);
+    let report = load(&args);
     assert_accounted(&report, 6, 120);
 }
 
