@@ -340,21 +340,46 @@ impl Document {
     /// order, and the next delete of that client's blocks underflows in its binary search
     /// (`block_store.rs`, found by the `yjs` fuzz target); other blocks wait as pending data
     /// that never completes and only grows.
+    ///
+    /// Likewise for deletes: each must fall within what the document or the update itself
+    /// holds, or yrs keeps it as a pending delete set, which it cannot merge back when it
+    /// encodes the document (a panic in `merge_pending_v1`, at every sync and compaction).
     fn check_connects(&self, update: &Update) -> Result<(), Refusal> {
         let known = self.doc.transact().state_vector();
-        let gap = update
+        let refuse = |what: String| {
+            Err(Refusal::bad_request(format!(
+                "Yjs update does not connect: {what}; resync by state vector"
+            )))
+        };
+        if let Some((client, clock)) = update
             .state_vector_lower()
             .iter()
             .find(|(client, clock)| **clock > known.get(client))
-            .map(|(client, clock)| (*client, *clock));
-        match gap {
-            None => Ok(()),
-            Some((client, clock)) => Err(Refusal::bad_request(format!(
-                "Yjs update does not connect: client {client} starts at clock {clock}, the \
-                 document has it up to {}; resync by state vector",
-                known.get(&client)
-            ))),
+        {
+            return refuse(format!(
+                "client {client} starts at clock {clock}, the document has it up to {}",
+                known.get(client)
+            ));
         }
+        let inserted = update.insertions(true);
+        for (client, deleted) in update.delete_set().iter() {
+            let brought = inserted
+                .iter()
+                .find(|(c, _)| *c == client)
+                .map_or(0, |(_, r)| {
+                    r.iter().map(|range| range.end).max().unwrap_or(0)
+                });
+            let reach = known.get(client).max(brought);
+            if let Some(range) = deleted
+                .iter()
+                .find(|range| range.end > reach || range.is_empty())
+            {
+                return refuse(format!(
+                    "it deletes clocks {range:?} of client {client}, which reach past {reach}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Whether everything applied in memory is committed.
@@ -530,6 +555,49 @@ mod tests {
         let refusal = refused.expect_err("a gap in client 2's clocks");
         assert!(refusal.message.contains("does not connect"), "{refusal:?}");
         assert_eq!(doc.summary().text, "");
+    }
+
+    /// Deletes must stay within what the document or the update holds; a real client's
+    /// inserts and deletes, in one update or across two, are accepted.
+    #[test]
+    fn deletes_must_reach_only_known_clocks() {
+        let mut doc = Document::new(DocName::parse("main").expect("name"));
+        let client = Doc::with_options(Options {
+            client_id: yrs::block::ClientID::new(42),
+            offset_kind: OffsetKind::Utf16,
+            ..Options::default()
+        });
+        let text = client.get_or_insert_text(CONTENT);
+        let both = {
+            let mut txn = client.transact_mut();
+            text.insert(&mut txn, 0, "abcd");
+            text.remove_range(&mut txn, 1, 2);
+            txn.encode_update_v1()
+        };
+        let applied = doc
+            .apply_yjs_update(both, 1 << 20)
+            .expect("insert and delete in one update");
+        doc.committed(applied.version, applied.op.as_ref());
+        assert_eq!(doc.summary().text, "ad");
+        let later = {
+            let mut txn = client.transact_mut();
+            text.remove_range(&mut txn, 0, 1);
+            txn.encode_update_v1()
+        };
+        let applied = doc
+            .apply_yjs_update(later, 1 << 20)
+            .expect("a delete of known text");
+        doc.committed(applied.version, applied.op.as_ref());
+        assert_eq!(doc.summary().text, "d");
+
+        // No blocks; a delete set for client 42: one range, clocks 10..15 (lib0 v1).
+        let beyond = vec![0x00, 0x01, 0x2a, 0x01, 0x0a, 0x05];
+        let refusal = doc
+            .apply_yjs_update(beyond, 1 << 20)
+            .map(|_| ())
+            .expect_err("a delete past client 42's clock");
+        assert!(refusal.message.contains("does not connect"), "{refusal:?}");
+        assert_eq!(doc.summary().text, "d");
     }
 
     /// A snapshot replaces the log it covers, so one that does not load back to the same text
