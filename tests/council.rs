@@ -206,8 +206,17 @@ async fn majority_decides_with_a_full_audit_and_anonymous_reviews() {
     assert_eq!(propose["round"], 1);
     assert_eq!(propose["others"], json!([]));
 
-    // The session log: opened, one event per phase, decided with the audit.
-    let events = all_events(&base, &session).await;
+    // The session log: opened, one event per phase, decided with the audit. The council's
+    // events reach the log through the session's own group commit, after the council's row
+    // says decided, so the log is read until the decision is in it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let events = all_events(&base, &session).await;
+        if events.iter().any(|e| e["kind"] == "council.decided") || Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let kinds: Vec<&str> = events
         .iter()
         .filter_map(|e| e["kind"].as_str())

@@ -343,7 +343,8 @@ impl Document {
     ///
     /// Likewise for deletes: each must fall within what the document or the update itself
     /// holds, or yrs keeps it as a pending delete set, which it cannot merge back when it
-    /// encodes the document (a panic in `merge_pending_v1`, at every sync and compaction).
+    /// encodes the whole document (a panic in `merge_pending_v1` at compaction, which
+    /// `encode_whole` has to catch).
     fn check_connects(&self, update: &Update) -> Result<(), Refusal> {
         let known = self.doc.transact().state_vector();
         let refuse = |what: String| {
