@@ -983,3 +983,52 @@ async fn yjs_clients_on_a_relay_node_edit_the_owners_document() {
     assert_eq!(yjs_synced_text(b.addr, &path).await, want);
     assert_eq!(yjs_synced_text(a.addr, &path).await, want);
 }
+
+/// A relay's node dies with a client on it: the owner stops hearing its keepalives and, within
+/// about a lease TTL, drops the client, so the others see it leave instead of a ghost member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_forgets_the_clients_of_a_relay_node_that_died() {
+    let db = PgDatabase::create();
+    let prefix = format!("test-{}", uuid::Uuid::now_v7());
+    let a = bus_node_on(&db, &prefix);
+    let ttl = TTL_MS.to_string();
+    let mut b = spawn_binary(
+        &[
+            "--database-url",
+            db.url.as_str(),
+            "--node-id",
+            "node-b",
+            "--owner-lease-ttl-ms",
+            ttl.as_str(),
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--bus-prefix",
+            prefix.as_str(),
+        ],
+        &[],
+    )
+    .await;
+    let session = "relay-node-dies";
+    let mut ada = WsClient::connect_hello(&a.ws_url(), "Ada").await;
+    ada.join(session, None, None).await;
+    let mut bob = WsClient::connect_hello(&b.ws_url(), "Bob").await;
+    bob.join(session, None, None).await;
+    let joined = ada
+        .recv_until(|f| f["kind"] == "member.joined" && f["data"]["user"]["name"] == "Bob")
+        .await;
+    assert_eq!(joined["type"], "event", "{joined}");
+
+    b.kill_9();
+    let killed = Instant::now();
+    let left = ada
+        .recv_until_within(Duration::from_millis(TTL_MS * 4), |f| {
+            f["kind"] == "member.left"
+        })
+        .await;
+    assert_eq!(left["data"]["user"]["name"], "Bob", "{left}");
+    eprintln!(
+        "the owner dropped the dead relay's client {:?} after kill -9",
+        killed.elapsed()
+    );
+    drop(bob);
+}
