@@ -14,11 +14,47 @@ use actix::{Actor, Addr, Context, Handler, Recipient};
 use tokio::sync::mpsc;
 
 use super::ConnId;
-use super::messages::{Deliver, DeliverBinary, Reply, Unanswered};
+use super::messages::{Deliver, DeliverBinary, FrameClass, Reply, Unanswered};
 use crate::cluster::{Channel, RelayBody, RelayFrame, SharedBus};
 use crate::protocol::SessionId;
 
-type OutQueue = mpsc::UnboundedSender<(ConnId, RelayBody)>;
+type OutQueue = mpsc::UnboundedSender<(ConnId, Outgoing)>;
+
+/// A frame for a remote client as the session sent it. Every copy of a broadcast shares its
+/// bytes, so queueing one per client costs no copy; it becomes a [`RelayBody`] once per merged
+/// frame.
+#[derive(PartialEq)]
+enum Outgoing {
+    Text {
+        frame: bytestring::ByteString,
+        class: FrameClass,
+        ends_membership: bool,
+    },
+    Binary {
+        frame: bytes::Bytes,
+        then_close: bool,
+    },
+}
+
+impl From<Outgoing> for RelayBody {
+    fn from(outgoing: Outgoing) -> Self {
+        match outgoing {
+            Outgoing::Text {
+                frame,
+                class,
+                ends_membership,
+            } => Self::Text {
+                frame: frame.to_string(),
+                class,
+                ends_membership,
+            },
+            Outgoing::Binary { frame, then_close } => Self::Binary {
+                frame: frame.to_vec(),
+                then_close,
+            },
+        }
+    }
+}
 
 /// The outbox of one remote client: a subscriber like any other, as far as the session knows,
 /// native or Yjs.
@@ -35,8 +71,8 @@ impl Handler<Deliver> for RemoteConn {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, _ctx: &mut Context<Self>) {
-        let body = RelayBody::Text {
-            frame: msg.frame.to_string(),
+        let body = Outgoing::Text {
+            frame: msg.frame,
             class: msg.class,
             ends_membership: msg.ends_membership.is_some(),
         };
@@ -48,8 +84,8 @@ impl Handler<DeliverBinary> for RemoteConn {
     type Result = ();
 
     fn handle(&mut self, msg: DeliverBinary, _ctx: &mut Context<Self>) {
-        let body = RelayBody::Binary {
-            frame: msg.frame.to_vec(),
+        let body = Outgoing::Binary {
+            frame: msg.frame,
             then_close: msg.then_close,
         };
         let _ = self.out.send((self.conn.clone(), body));
@@ -184,7 +220,7 @@ const MERGE_WINDOW: usize = 256;
 /// the copies of each broadcast into one frame for all its clients ([`merge`]), numbers the
 /// frames and publishes them, one at a time, so relays receive them in the session's order.
 fn spawn_out(bus: SharedBus, session: SessionId, epoch: i64) -> OutQueue {
-    let (out, mut queued) = mpsc::unbounded_channel::<(ConnId, RelayBody)>();
+    let (out, mut queued) = mpsc::unbounded_channel::<(ConnId, Outgoing)>();
     tokio::spawn(async move {
         let channel = Channel::SessionOut(session);
         let mut seq = 0;
@@ -201,7 +237,7 @@ fn spawn_out(bus: SharedBus, session: SessionId, epoch: i64) -> OutQueue {
                     epoch,
                     seq,
                     conns,
-                    body,
+                    body: body.into(),
                 };
                 if let Err(err) = bus.publish(&channel, frame.encode()).await {
                     tracing::debug!(%err, "a frame for relays was not published");
@@ -216,8 +252,8 @@ fn spawn_out(bus: SharedBus, session: SessionId, epoch: i64) -> OutQueue {
 /// the order they were queued. The outboxes run as separate actors, so one broadcast's copies
 /// can interleave with the next's: `(1,A) (1,B) (2,A) (2,B)` becomes `({1,2},A) ({1,2},B)`.
 /// A frame joins the first equal one placed after that client's previous frame.
-fn merge(batch: Vec<(ConnId, RelayBody)>) -> Vec<(Vec<ConnId>, RelayBody)> {
-    let mut merged: Vec<(Vec<ConnId>, RelayBody)> = Vec::new();
+fn merge<Body: PartialEq>(batch: Vec<(ConnId, Body)>) -> Vec<(Vec<ConnId>, Body)> {
+    let mut merged: Vec<(Vec<ConnId>, Body)> = Vec::new();
     let mut last_of: HashMap<ConnId, usize> = HashMap::new();
     for (conn, body) in batch {
         let after = last_of.get(&conn).map_or(0, |&i| i + 1);
