@@ -32,46 +32,81 @@ pub fn now_us() -> u64 {
     unix.saturating_add(u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX))
 }
 
-/// A latency histogram in microseconds (3 significant digits).
-#[derive(Debug, Clone)]
-pub struct Latency(Histogram<u64>);
+/// Samples a client keeps as they are before it builds a histogram: a histogram of this range
+/// and precision is ~270 KiB, and a run of 10,000 clients keeps three each, where most clients
+/// record a few hundred samples.
+const RAW_SAMPLES: usize = 4096;
 
-impl Default for Latency {
-    fn default() -> Self {
-        Self(Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("static bounds are valid"))
-    }
+/// Latencies in microseconds, summarised with 3 significant digits: the first few thousand
+/// kept as raw samples (4 bytes each), then an hdrhistogram.
+#[derive(Debug, Clone, Default)]
+pub struct Latency {
+    samples: Vec<u32>,
+    histogram: Option<Box<Histogram<u64>>>,
+}
+
+fn empty_histogram() -> Box<Histogram<u64>> {
+    Box::new(Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("static bounds are valid"))
 }
 
 impl Latency {
     pub fn record_us(&mut self, us: u64) {
-        self.0.saturating_record(us.clamp(1, MAX_LATENCY_US));
+        let us = us.clamp(1, MAX_LATENCY_US);
+        match &mut self.histogram {
+            Some(histogram) => histogram.saturating_record(us),
+            None => {
+                // MAX_LATENCY_US fits a u32.
+                self.samples.push(u32::try_from(us).unwrap_or(u32::MAX));
+                if self.samples.len() >= RAW_SAMPLES {
+                    self.histogram = Some(self.to_histogram());
+                    self.samples = Vec::new();
+                }
+            }
+        }
     }
 
     pub fn record(&mut self, elapsed: Duration) {
         self.record_us(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
     }
 
-    /// Adds another client's samples. Both have the same bounds, so this cannot fail; a
-    /// failure would only lose samples, never corrupt them.
+    /// Adds another client's samples.
     pub fn merge(&mut self, other: &Latency) {
-        let _ = self.0.add(&other.0);
+        for &us in &other.samples {
+            self.record_us(u64::from(us));
+        }
+        if let Some(theirs) = &other.histogram {
+            let mine = self.histogram.get_or_insert_with(empty_histogram);
+            // Both have the same bounds, so this cannot fail; a failure would only lose
+            // samples, never corrupt them.
+            let _ = mine.add(theirs.as_ref());
+        }
     }
 
     pub fn count(&self) -> u64 {
-        self.0.len()
+        self.samples.len() as u64 + self.histogram.as_ref().map_or(0, |h| h.len())
+    }
+
+    /// Every sample so far, in one histogram.
+    fn to_histogram(&self) -> Box<Histogram<u64>> {
+        let mut histogram = self.histogram.clone().unwrap_or_else(empty_histogram);
+        for &us in &self.samples {
+            histogram.saturating_record(u64::from(us));
+        }
+        histogram
     }
 
     pub fn summary(&self) -> Summary {
+        let histogram = self.to_histogram();
         let ms = |us: u64| us as f64 / 1000.0;
-        let q = |quantile: f64| ms(self.0.value_at_quantile(quantile));
+        let q = |quantile: f64| ms(histogram.value_at_quantile(quantile));
         Summary {
-            count: self.0.len(),
+            count: histogram.len(),
             p50_ms: q(0.50),
             p90_ms: q(0.90),
             p99_ms: q(0.99),
             p999_ms: q(0.999),
-            max_ms: ms(self.0.max()),
-            mean_ms: self.0.mean() / 1000.0,
+            max_ms: ms(histogram.max()),
+            mean_ms: histogram.mean() / 1000.0,
         }
     }
 }
@@ -180,6 +215,32 @@ mod tests {
         assert!((s.p50_ms - 5.0).abs() < 0.05, "{s:?}");
         assert!((s.p99_ms - 9.9).abs() < 0.05, "{s:?}");
         assert!((s.max_ms - 500.0).abs() < 0.5, "{s:?}");
+    }
+
+    #[test]
+    fn raw_samples_and_the_histogram_they_spill_into_agree() {
+        let mut spilled = Latency::default();
+        for us in 1..=(RAW_SAMPLES as u64 * 2) {
+            spilled.record_us(us);
+        }
+        assert!(spilled.histogram.is_some() && spilled.samples.is_empty());
+        let mut raw = Latency::default();
+        for us in 1..=100 {
+            raw.record_us(us * 1000);
+        }
+        assert!(raw.histogram.is_none());
+        // Raw into a histogram, and a histogram into raw, count every sample once.
+        let mut a = spilled.clone();
+        a.merge(&raw);
+        let mut b = raw.clone();
+        b.merge(&spilled);
+        assert_eq!(a.count(), RAW_SAMPLES as u64 * 2 + 100);
+        assert_eq!(a.summary(), b.summary());
+        assert!(
+            (a.summary().max_ms - 100.0).abs() < 0.1,
+            "{:?}",
+            a.summary()
+        );
     }
 
     #[test]

@@ -35,12 +35,20 @@ impl Failure {
     }
 }
 
+/// Each socket's read and write buffers. tungstenite's default is 128 KiB each, allocated
+/// up front: 2.5 GiB for a run of 10,000 sockets, where the frames here are well under a
+/// kilobyte. Larger messages still arrive whole; the buffer only sets the read size.
+const SOCKET_BUFFER: usize = 8 << 10;
+
 /// Opens a WebSocket to `url` within `limit`, Nagle off (as browsers have it), so the client
 /// adds no delay of its own to the latencies it measures.
 pub async fn connect(url: &Url, limit: Duration) -> Result<Socket, Failure> {
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER);
     match tokio::time::timeout(
         limit,
-        tokio_tungstenite::connect_async_with_config(url.as_str(), None, true),
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true),
     )
     .await
     {
