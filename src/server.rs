@@ -16,7 +16,7 @@ use crate::config::{ConfigError, ServeConfig};
 use crate::council::Councils;
 use crate::node::Node;
 use crate::session::{Drain, SessionDeps, SessionRegistry};
-use crate::store::{self, SharedStore, StoreError};
+use crate::store::{self, GroupCommit, SharedStore, StoreError};
 use crate::tasks::{SchedulerConfig, SchedulerHandle};
 
 /// How long shutdown waits for sessions to flush their last batch.
@@ -77,6 +77,7 @@ pub async fn start_with_store(
     let registry = SessionRegistry::new(
         SessionDeps {
             store: store.clone(),
+            commits: GroupCommit::start(store.clone()),
             limits: config.limits.clone(),
             node: node_id.clone(),
             bus: bus.clone(),

@@ -31,6 +31,12 @@ pub fn install() {
         ];
         let built = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+            .and_then(|builder| {
+                builder.set_buckets_for_metric(
+                    Matcher::Full("conclave_commit_group_sessions".into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+                )
+            })
             .and_then(|builder| builder.install_recorder());
         match built {
             Ok(handle) => {
@@ -88,6 +94,11 @@ pub fn error(code: ErrorCode) {
 pub fn commit_latency(backend: &'static str, took: Duration, events: usize) {
     histogram!("conclave_commit_seconds", "backend" => backend).record(took.as_secs_f64());
     counter!("conclave_committed_events_total", "backend" => backend).increment(events as u64);
+}
+
+/// How many sessions' batches one group commit carried.
+pub fn commit_group(sessions: usize) {
+    histogram!("conclave_commit_group_sessions").record(sessions as f64);
 }
 
 pub fn auth_failure(door: &'static str, reason: &'static str) {

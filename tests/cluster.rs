@@ -61,7 +61,12 @@ async fn join_when_free(
         if reply["type"] == "joined" {
             return (reply, started.elapsed());
         }
-        assert_eq!(reply["code"], "conflict", "{reply}");
+        // `conflict` while the other node holds it; `storage_unavailable` ("retry") if the
+        // join reached this node's actor for the session just as it stopped after a conflict.
+        assert!(
+            reply["code"] == "conflict" || reply["code"] == "storage_unavailable",
+            "{reply}"
+        );
         assert!(
             started.elapsed() < within,
             "the session was not taken over within {within:?}: {reply}"
@@ -808,7 +813,12 @@ async fn a_relayed_client_resumes_on_its_own_node_after_the_owner_is_killed() {
         if reply["type"] == "joined" {
             break reply;
         }
-        assert_eq!(reply["code"], "conflict", "{reply}");
+        // `conflict` while the other node holds it; `storage_unavailable` ("retry") if the
+        // join reached this node's actor for the session just as it stopped after a conflict.
+        assert!(
+            reply["code"] == "conflict" || reply["code"] == "storage_unavailable",
+            "{reply}"
+        );
         assert!(
             killed.elapsed() < Duration::from_millis(TTL_MS) + Duration::from_secs(5),
             "node b never took the session over: {reply}"

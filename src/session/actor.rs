@@ -4,7 +4,8 @@
 //! Every change to a session passes through this actor's mailbox, so the actor alone decides the
 //! order of events. Writes wait in a batch and are committed together (group commit): a batch is
 //! flushed when it reaches `commit_batch` writes or `commit_window` after its first write, and
-//! only one batch is in flight at a time. Offsets are given at flush time, counting on from the
+//! only one batch is in flight at a time; the node's `GroupCommit` writes it in one transaction
+//! with whatever other sessions are flushing. Offsets are given at flush time, counting on from the
 //! last committed offset, so a batch that fails to commit leaves no gap: its requests get
 //! `storage_unavailable` and the next batch reuses the same offsets. Acks and broadcasts go out
 //! only after the commit, so no client ever sees a change a crash could take back.
@@ -20,6 +21,7 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 
 use super::document::Document;
+use super::fanout::YjsFanout;
 use super::log::{self, ChatData, Event, EventKind, MemberData, NewEvent};
 use super::messages::{
     AppendEvent, Archive, Committed, ConnId, Deliver, DeliverBinary, Disconnect, Drain, Edit,
@@ -35,7 +37,9 @@ use crate::cluster::{Channel, RelayFrame, Subscription, ToOwner, decode, decode_
 use crate::protocol::frames::{DocSummary, PresenceEntry, ServerFrame};
 use crate::protocol::yjs;
 use crate::protocol::{DocName, ErrorCode, Refusal, SessionId, UserInfo};
-use crate::store::{DocUpdate, Fence, Ownership, SessionRecord, StoreError, StoredDoc};
+use crate::store::{
+    DocUpdate, Fence, Ownership, SessionBatch, SessionRecord, StoreError, StoredDoc,
+};
 use crate::telemetry;
 
 /// The most event data the in-memory tail keeps, whatever its count.
@@ -63,8 +67,8 @@ struct PendingDocChange {
     update_committed: bool,
     /// The yrs update to store; taken when the batch is flushed.
     update: Option<DocUpdate>,
-    /// The update as a y-websocket frame, for the document's Yjs clients after the commit.
-    yjs_frame: Option<bytes::Bytes>,
+    /// The yrs update, for the document's Yjs clients after the commit (see `fanout`).
+    yjs_update: Option<Vec<u8>>,
     actor: log::Actor,
     /// The connection that sent it, which gets an ack instead of the `doc` frame.
     origin: Option<ConnId>,
@@ -369,40 +373,43 @@ impl SessionActor {
             }
         }
         self.flushing = true;
-        let store = self.registry.deps().store.clone();
-        let session = self.id.clone();
+        let deps = self.registry.deps();
+        let commits = deps.commits.clone();
+        let backend = deps.store.backend();
+        let had_updates = !updates.is_empty();
         let started = Instant::now();
-        let backend = store.backend();
+        let group = SessionBatch {
+            session: self.id.clone(),
+            fence,
+            events,
+            updates,
+        };
         ctx.spawn(
-            async move {
-                let result = store
-                    .commit_batch(&session, &fence, &events, &updates)
-                    .await;
-                (result, events, !updates.is_empty())
-            }
-            .into_actor(self)
-            .map(move |(result, events, had_updates), act, ctx| {
-                telemetry::commit_latency(backend, started.elapsed(), batch.len());
-                act.flushing = false;
-                match result {
-                    Ok(()) => act.on_commit(events, batch, ctx),
-                    Err(err) => act.on_commit_failed(err, batch, had_updates, ctx),
-                }
-                if act.pending.is_empty() {
-                    act.wake_drain_waiters();
-                } else {
-                    act.flush(ctx);
-                }
-            }),
+            async move { commits.commit(group).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    telemetry::commit_latency(backend, started.elapsed(), batch.len());
+                    act.flushing = false;
+                    match result {
+                        Ok(committed) => act.on_commit(committed.events, batch, ctx),
+                        Err(err) => act.on_commit_failed(err, batch, had_updates, ctx),
+                    }
+                    if act.pending.is_empty() {
+                        act.wake_drain_waiters();
+                    } else {
+                        act.flush(ctx);
+                    }
+                }),
         );
     }
 
     /// Acks and broadcasts a committed batch, in the order it was accepted.
     fn on_commit(&mut self, events: Vec<Event>, batch: Vec<PendingWrite>, ctx: &mut Context<Self>) {
         let mut events = events.into_iter();
+        let mut yjs_out = YjsFanout::default();
         for write in batch {
             if let Some(change) = write.doc {
-                self.on_doc_committed(change, write.reply);
+                self.on_doc_committed(change, write.reply, &mut yjs_out);
                 continue;
             }
             let Some(event) = events.next() else { continue };
@@ -427,6 +434,16 @@ impl SessionActor {
                 }
             }
         }
+        for out in yjs_out.frames() {
+            for (conn, subscriber) in &self.yjs_subscribers {
+                if subscriber.doc == out.doc && out.skip.as_ref() != Some(conn) {
+                    subscriber.outbox.do_send(DeliverBinary {
+                        then_close: false,
+                        frame: out.frame.clone(),
+                    });
+                }
+            }
+        }
         self.answer_yjs_syncs();
         self.run_deferred_joins(ctx);
         self.compact_docs(self.limits().doc_compact_every, ctx);
@@ -444,22 +461,22 @@ impl SessionActor {
         }
     }
 
-    fn on_doc_committed(&mut self, change: PendingDocChange, reply: Option<Reply>) {
+    /// Marks a document change committed, acks it and sends native subscribers its `doc`
+    /// frame; its Yjs update joins `yjs_out`, which goes out merged once the batch is done.
+    fn on_doc_committed(
+        &mut self,
+        mut change: PendingDocChange,
+        reply: Option<Reply>,
+        yjs_out: &mut YjsFanout,
+    ) {
         if change.update_committed {
             self.doc_writes_settled += 1;
             if let Some(document) = self.docs.get_mut(&change.doc) {
                 document.committed(change.version, change.op.as_ref());
             }
         }
-        if let Some(frame) = &change.yjs_frame {
-            for (conn, subscriber) in &self.yjs_subscribers {
-                if subscriber.doc == change.doc && change.origin.as_ref() != Some(conn) {
-                    subscriber.outbox.do_send(DeliverBinary {
-                        then_close: false,
-                        frame: frame.clone(),
-                    });
-                }
-            }
+        if let Some(update) = change.yjs_update.take() {
+            yjs_out.push(&change.doc, change.origin.clone(), update);
         }
         if let Some(reply) = reply {
             reply.ok(Committed::doc(change.doc.clone(), change.version));
@@ -1255,7 +1272,7 @@ impl Handler<Edit> for SessionActor {
                 version,
                 op: Some(applied.op),
                 update_committed: true,
-                yjs_frame: Some(yjs::update(applied.update.data.clone())),
+                yjs_update: Some(applied.update.data.clone()),
                 update: Some(applied.update),
                 actor: msg.actor,
                 origin: msg.conn,
@@ -1265,7 +1282,7 @@ impl Handler<Edit> for SessionActor {
                 version,
                 op: None,
                 update_committed: false,
-                yjs_frame: None,
+                yjs_update: None,
                 update: None,
                 actor: msg.actor,
                 origin: msg.conn,
@@ -1382,7 +1399,7 @@ impl Handler<YjsUpdate> for SessionActor {
                     version: applied.version,
                     op: applied.op,
                     update_committed: true,
-                    yjs_frame: Some(yjs::update(applied.update.data.clone())),
+                    yjs_update: Some(applied.update.data.clone()),
                     update: Some(applied.update),
                     actor,
                     origin: Some(msg.conn),

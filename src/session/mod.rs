@@ -3,6 +3,7 @@
 
 mod actor;
 pub mod document;
+mod fanout;
 pub mod log;
 mod messages;
 pub mod ot;

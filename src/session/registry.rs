@@ -21,13 +21,15 @@ use crate::cluster::SharedBus;
 use crate::config::Limits;
 use crate::protocol::frames::ServerFrame;
 use crate::protocol::{ErrorCode, Refusal, SessionId};
-use crate::store::SharedStore;
+use crate::store::{GroupCommit, SharedStore};
 use crate::supervisor::{CrashLoop, Verdict};
 use crate::telemetry;
 
 /// What every session actor of a node shares.
 pub struct SessionDeps {
     pub store: SharedStore,
+    /// Where sessions send their batches, to be committed together with other sessions'.
+    pub commits: GroupCommit,
     pub limits: Limits,
     /// This node's id: the owner named in the leases it takes.
     pub node: String,

@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    DocSnapshot, DocUpdate, Fence, Ownership, SessionRecord, SharedStore, Store, StoreError,
-    StoredDoc,
+    DocSnapshot, DocUpdate, Fence, Ownership, SessionBatch, SessionRecord, SharedStore, Store,
+    StoreError, StoredDoc,
 };
 use crate::protocol::{DocName, SessionId, TaskId, WorkerId};
 use crate::session::log::Event;
@@ -173,6 +173,35 @@ impl Store for FaultyStore {
     ) -> Result<(), StoreError> {
         self.switch.check_write()?;
         self.inner.commit_batch(id, fence, events, updates).await
+    }
+
+    /// Fails the batches the switch says to, one by one as [`Self::commit_batch`] would, and
+    /// commits the rest as the wrapped store groups them.
+    async fn commit_group(&self, batches: &[SessionBatch]) -> Vec<Result<(), StoreError>> {
+        let checks: Vec<Result<(), StoreError>> =
+            batches.iter().map(|_| self.switch.check_write()).collect();
+        let passing: Vec<SessionBatch> = batches
+            .iter()
+            .zip(&checks)
+            .filter(|(_, check)| check.is_ok())
+            .map(|(batch, _)| batch.clone())
+            .collect();
+        let mut committed = self.inner.commit_group(&passing).await.into_iter();
+        checks
+            .into_iter()
+            .map(|check| {
+                check?;
+                committed.next().unwrap_or_else(|| {
+                    Err(StoreError::Corrupt(
+                        "the store gave no result for this batch".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    fn commit_lanes(&self) -> usize {
+        self.inner.commit_lanes()
     }
 
     async fn load_docs(&self, id: &SessionId) -> Result<Vec<StoredDoc>, StoreError> {

@@ -4,6 +4,7 @@
 //! backends share their SQL (see [`sql`]); each has its own migration folder, because their
 //! DDL will diverge as features land (queue claims, ownership leases).
 
+mod group;
 mod sql;
 
 #[cfg(feature = "fault-injection")]
@@ -19,6 +20,7 @@ use crate::protocol::{CouncilId, DocName, SessionId, TaskId, WorkerId};
 use crate::session::log::Event;
 use crate::tasks::{Claim, ClaimedTask, ExpiredLease, Settled, TaskRecord, TaskWrites};
 
+pub use group::GroupCommit;
 pub use sql::{PgStore, SqliteStore};
 
 /// Errors of the storage layer. Callers map any of them to `storage_unavailable`, except where
@@ -35,9 +37,40 @@ pub enum StoreError {
     /// this write was refused.
     #[error("this node no longer owns the session: its lease was taken over")]
     Deposed,
+    /// The group commit this batch was part of failed as a whole (the store was unreachable,
+    /// say), and every batch in it shares the one error.
+    #[error("{0}")]
+    Group(Arc<StoreError>),
+    /// The node's committer has stopped: the node is shutting down.
+    #[error("the store's committer has stopped")]
+    CommitterStopped,
     #[cfg(feature = "fault-injection")]
     #[error("injected fault")]
     Injected,
+}
+
+/// One session's share of a group commit: its next events and document updates, written only
+/// while `fence` still holds its lease.
+#[derive(Debug, Clone)]
+pub struct SessionBatch {
+    pub session: SessionId,
+    pub fence: Fence,
+    pub events: Vec<Event>,
+    pub updates: Vec<DocUpdate>,
+}
+
+impl SessionBatch {
+    /// The rows this batch writes.
+    pub fn rows(&self) -> usize {
+        self.events.len() + self.updates.len()
+    }
+
+    /// Roughly the bytes this batch writes: its payloads.
+    pub fn bytes(&self) -> usize {
+        let events: usize = self.events.iter().map(|e| e.data.get().len()).sum();
+        let updates: usize = self.updates.iter().map(|u| u.data.len()).sum();
+        events + updates
+    }
 }
 
 /// A session's durable record, with the offset of its last committed event.
@@ -139,6 +172,26 @@ pub trait Store: Send + Sync + 'static {
         events: &[Event],
         updates: &[DocUpdate],
     ) -> Result<(), StoreError>;
+
+    /// Commits several sessions' batches, in one transaction where it can, so that many sessions
+    /// share one flush to disk. Each batch is still all or nothing, fenced by its own lease, and
+    /// gets its own result, in order: a deposed session or a batch that fails on its own never
+    /// fails the others. This default commits them one by one.
+    async fn commit_group(&self, batches: &[SessionBatch]) -> Vec<Result<(), StoreError>> {
+        let mut results = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let result = self
+                .commit_batch(&batch.session, &batch.fence, &batch.events, &batch.updates)
+                .await;
+            results.push(result);
+        }
+        results
+    }
+
+    /// How many group commits are worth running at once: SQLite has one writer, so one.
+    fn commit_lanes(&self) -> usize {
+        1
+    }
 
     /// Every document of a session: its snapshot and the updates after it.
     async fn load_docs(&self, id: &SessionId) -> Result<Vec<StoredDoc>, StoreError>;

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,8 +21,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row};
 
 use super::{
-    CouncilRow, DocSnapshot, DocUpdate, Fence, Ownership, SessionRecord, Store, StoreError,
-    StoredDoc,
+    CouncilRow, DocSnapshot, DocUpdate, Fence, Ownership, SessionBatch, SessionRecord, Store,
+    StoreError, StoredDoc,
 };
 use crate::protocol::{CouncilId, DocName, LeaseId, SessionId, TaskId, TaskKind, WorkerId};
 use crate::session::log::{Actor, Event, EventKind};
@@ -126,19 +127,45 @@ macro_rules! select_sessions {
     };
 }
 
-/// Inserts a batch of events on SQLite: multi-row VALUES, in chunks that stay under its bind
+/// One session's part of a group commit, borrowed from its batch.
+struct GroupPart<'a> {
+    session: &'a SessionId,
+    fence: &'a Fence,
+    events: &'a [Event],
+    updates: &'a [DocUpdate],
+}
+
+impl<'a> GroupPart<'a> {
+    fn of(batch: &'a SessionBatch) -> Self {
+        Self {
+            session: &batch.session,
+            fence: &batch.fence,
+            events: &batch.events,
+            updates: &batch.updates,
+        }
+    }
+}
+
+/// The events of a group, each with its session.
+fn event_rows<'a>(parts: &[&GroupPart<'a>]) -> Vec<(&'a SessionId, &'a Event)> {
+    parts
+        .iter()
+        .flat_map(|part| part.events.iter().map(|event| (part.session, event)))
+        .collect()
+}
+
+/// Inserts a group's events on SQLite: multi-row VALUES, in chunks that stay under its bind
 /// limit.
 async fn insert_events_sqlite(
     tx: &mut sqlx::SqliteConnection,
-    id: &SessionId,
-    events: &[Event],
+    parts: &[&GroupPart<'_>],
 ) -> Result<(), StoreError> {
-    for chunk in events.chunks(1000) {
+    for chunk in event_rows(parts).chunks(1000) {
         let mut insert = QueryBuilder::new(
             "INSERT INTO events (session_id, seq, kind, actor_id, actor_name, at_ms, data) ",
         );
-        insert.push_values(chunk, |mut row, event| {
-            row.push_bind(id.as_str())
+        insert.push_values(chunk, |mut row, (session, event)| {
+            row.push_bind(session.as_str())
                 .push_bind(from_offset(event.offset))
                 .push_bind(event.kind.as_str())
                 .push_bind(event.actor.id.as_str())
@@ -151,24 +178,28 @@ async fn insert_events_sqlite(
     Ok(())
 }
 
-/// Inserts a batch of events on PostgreSQL: one statement of column arrays, whatever the batch
+/// Inserts a group's events on PostgreSQL: one statement of column arrays, whatever the group
 /// size, so its text (and plan) is the same every time instead of one per row count.
 async fn insert_events_pg(
     tx: &mut sqlx::PgConnection,
-    id: &SessionId,
-    events: &[Event],
+    parts: &[&GroupPart<'_>],
 ) -> Result<(), StoreError> {
-    let seqs: Vec<i64> = events.iter().map(|e| from_offset(e.offset)).collect();
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    let actor_ids: Vec<&str> = events.iter().map(|e| e.actor.id.as_str()).collect();
-    let actor_names: Vec<&str> = events.iter().map(|e| e.actor.name.as_str()).collect();
-    let ats: Vec<i64> = events.iter().map(|e| e.at.timestamp_millis()).collect();
-    let data: Vec<&str> = events.iter().map(|e| e.data.get()).collect();
+    let rows = event_rows(parts);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sessions: Vec<&str> = rows.iter().map(|(s, _)| s.as_str()).collect();
+    let seqs: Vec<i64> = rows.iter().map(|(_, e)| from_offset(e.offset)).collect();
+    let kinds: Vec<&str> = rows.iter().map(|(_, e)| e.kind.as_str()).collect();
+    let actor_ids: Vec<&str> = rows.iter().map(|(_, e)| e.actor.id.as_str()).collect();
+    let actor_names: Vec<&str> = rows.iter().map(|(_, e)| e.actor.name.as_str()).collect();
+    let ats: Vec<i64> = rows.iter().map(|(_, e)| e.at.timestamp_millis()).collect();
+    let data: Vec<&str> = rows.iter().map(|(_, e)| e.data.get()).collect();
     sqlx::query(
         "INSERT INTO events (session_id, seq, kind, actor_id, actor_name, at_ms, data) \
-         SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[])",
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[])",
     )
-    .bind(id.as_str())
+    .bind(&sessions)
     .bind(&seqs)
     .bind(&kinds)
     .bind(&actor_ids)
@@ -178,6 +209,47 @@ async fn insert_events_pg(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// SQLite serves one node and fences nothing: every part of a group holds.
+async fn held_fences_sqlite(
+    _tx: &mut sqlx::SqliteConnection,
+    parts: &[GroupPart<'_>],
+) -> Result<Vec<bool>, StoreError> {
+    Ok(vec![true; parts.len()])
+}
+
+/// Locks the lease rows of every session in a group and says which fences still hold them.
+/// The rows are locked in id order, as lease renewal locks them, so two transactions never
+/// wait on each other crosswise. The locks last until the commit: a takeover waits for this
+/// transaction, or this one sees the newer epoch and writes nothing for that session.
+async fn held_fences_pg(
+    tx: &mut sqlx::PgConnection,
+    parts: &[GroupPart<'_>],
+) -> Result<Vec<bool>, StoreError> {
+    let ids: Vec<&str> = parts.iter().map(|p| p.session.as_str()).collect();
+    let rows = sqlx::query(
+        "SELECT session_id, node_id, epoch FROM session_owners \
+         WHERE session_id = ANY($1) ORDER BY session_id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut owners: HashMap<String, (String, i64)> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        owners.insert(
+            row.try_get("session_id")?,
+            (row.try_get("node_id")?, row.try_get("epoch")?),
+        );
+    }
+    Ok(parts
+        .iter()
+        .map(|part| {
+            owners
+                .get(part.session.as_str())
+                .is_some_and(|(node, epoch)| *node == part.fence.node && *epoch == part.fence.epoch)
+        })
+        .collect())
 }
 
 /// The first statement of every fenced write: it touches the lease row only if the fence
@@ -202,8 +274,36 @@ macro_rules! check_fence {
 }
 
 macro_rules! sql_store {
-    ($store:ty, $backend:literal, $migrator:expr, $row:ty, begin_write: $begin:literal, skip_locked: $lock:literal, insert_events: $insert_events:ident, shared: $shared:literal) => {
+    ($store:ty, $backend:literal, $migrator:expr, $row:ty, begin_write: $begin:literal, skip_locked: $lock:literal, insert_events: $insert_events:ident, held_fences: $held_fences:ident, shared: $shared:literal) => {
         impl $store {
+            /// Writes a group of sessions' batches in one transaction, each only if its fence
+            /// holds, and says which did.
+            async fn write_group(&self, parts: &[GroupPart<'_>]) -> Result<Vec<bool>, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let held = $held_fences(&mut tx, parts).await?;
+                let writing: Vec<&GroupPart<'_>> =
+                    parts.iter().zip(&held).filter(|(_, held)| **held).map(|(part, _)| part).collect();
+                $insert_events(&mut tx, &writing).await?;
+                let updates: Vec<(&SessionId, &DocUpdate)> = writing
+                    .iter()
+                    .flat_map(|part| part.updates.iter().map(|update| (part.session, update)))
+                    .collect();
+                for chunk in updates.chunks(1000) {
+                    let mut insert =
+                        QueryBuilder::new("INSERT INTO doc_updates (session_id, doc, seq, version, data) ");
+                    insert.push_values(chunk, |mut row, (session, update)| {
+                        row.push_bind(session.as_str())
+                            .push_bind(update.doc.as_str())
+                            .push_bind(from_offset(update.seq))
+                            .push_bind(from_offset(update.version))
+                            .push_bind(update.data.as_slice());
+                    });
+                    insert.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(held)
+            }
+
             fn task_from_row(row: &$row) -> Result<TaskRecord, StoreError> {
                 let state: String = row.try_get("state")?;
                 Ok(TaskRecord {
@@ -405,8 +505,11 @@ macro_rules! sql_store {
                     .timestamp_millis()
                     .saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
                 let rows = sqlx::query(
+                    // Locks in id order, as a group commit does, so the two never deadlock.
                     "UPDATE session_owners SET expires_at_ms = $2 WHERE node_id = $1 \
-                     AND expires_at_ms > 0 RETURNING session_id, epoch",
+                     AND session_id IN (SELECT session_id FROM session_owners \
+                     WHERE node_id = $1 AND expires_at_ms > 0 ORDER BY session_id FOR UPDATE) \
+                     RETURNING session_id, epoch",
                 )
                 .bind(node)
                 .bind(expires)
@@ -446,25 +549,47 @@ macro_rules! sql_store {
                 if events.is_empty() && updates.is_empty() {
                     return Ok(());
                 }
-                let mut tx = self.pool.begin().await?;
-                if $shared {
-                    check_fence!(tx, id, fence);
+                let part = GroupPart { session: id, fence, events, updates };
+                match self.write_group(&[part]).await?.as_slice() {
+                    [true] => Ok(()),
+                    _ => Err(StoreError::Deposed),
                 }
-                $insert_events(&mut tx, id, events).await?;
-                for chunk in updates.chunks(1000) {
-                    let mut insert =
-                        QueryBuilder::new("INSERT INTO doc_updates (session_id, doc, seq, version, data) ");
-                    insert.push_values(chunk, |mut row, update| {
-                        row.push_bind(id.as_str())
-                            .push_bind(update.doc.as_str())
-                            .push_bind(from_offset(update.seq))
-                            .push_bind(from_offset(update.version))
-                            .push_bind(update.data.as_slice());
-                    });
-                    insert.build().execute(&mut *tx).await?;
+            }
+
+            async fn commit_group(&self, batches: &[SessionBatch]) -> Vec<Result<(), StoreError>> {
+                let parts: Vec<GroupPart<'_>> = batches.iter().map(GroupPart::of).collect();
+                let err = match self.write_group(&parts).await {
+                    Ok(held) => {
+                        return held
+                            .into_iter()
+                            .map(|held| if held { Ok(()) } else { Err(StoreError::Deposed) })
+                            .collect();
+                    }
+                    Err(err) => err,
+                };
+                if batches.len() == 1 {
+                    return vec![Err(err)];
                 }
-                tx.commit().await?;
-                Ok(())
+                if let StoreError::Database(sqlx::Error::Database(cause)) = &err {
+                    // A statement failed, not the connection: one batch may be at fault (or
+                    // the transaction lost a deadlock). Alone, the others still go through.
+                    tracing::warn!(%cause, sessions = batches.len(), "a group commit failed; committing its batches one by one");
+                    let mut results = Vec::with_capacity(batches.len());
+                    for part in &parts {
+                        let result = self
+                            .commit_batch(part.session, part.fence, part.events, part.updates)
+                            .await;
+                        results.push(result);
+                    }
+                    return results;
+                }
+                let shared = Arc::new(err);
+                batches.iter().map(|_| Err(StoreError::Group(shared.clone()))).collect()
+            }
+
+            fn commit_lanes(&self) -> usize {
+                // SQLite has one writer; PostgreSQL flushes several transactions at once.
+                if $shared { 4 } else { 1 }
             }
 
             async fn load_docs(&self, id: &SessionId) -> Result<Vec<StoredDoc>, StoreError> {
@@ -898,6 +1023,7 @@ sql_store!(
     begin_write: "BEGIN IMMEDIATE",
     skip_locked: "",
     insert_events: insert_events_sqlite,
+    held_fences: held_fences_sqlite,
     shared: false
 );
 sql_store!(
@@ -908,5 +1034,6 @@ sql_store!(
     begin_write: "BEGIN",
     skip_locked: " FOR UPDATE OF t SKIP LOCKED",
     insert_events: insert_events_pg,
+    held_fences: held_fences_pg,
     shared: true
 );
