@@ -33,7 +33,12 @@ use crate::tasks::{
 /// The embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so that a commit is
 /// on disk before it is acked.
 pub struct SqliteStore {
+    /// Reads, several at once (WAL lets them run beside a write).
     pool: SqlitePool,
+    /// Writes, over one connection. SQLite has one writer anyway; with several connections the
+    /// losers of the write lock wait in SQLite's busy handler, which sleeps 1, 2, 5, 10… ms
+    /// between tries, where this pool's queue hands the connection on as soon as it is free.
+    writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -52,15 +57,22 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.clone())
+            .await?;
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, writer })
     }
 }
 
 /// The shared store of a cluster, and the store of any node given `DATABASE_URL`.
 pub struct PgStore {
     pool: PgPool,
+    /// The same pool: PostgreSQL runs many writers at once.
+    writer: PgPool,
 }
 
 impl PgStore {
@@ -72,7 +84,10 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(2))
             .connect(url)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            writer: pool.clone(),
+            pool,
+        })
     }
 }
 
@@ -279,7 +294,7 @@ macro_rules! sql_store {
             /// Writes a group of sessions' batches in one transaction, each only if its fence
             /// holds, and says which did.
             async fn write_group(&self, parts: &[GroupPart<'_>]) -> Result<Vec<bool>, StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 let held = $held_fences(&mut tx, parts).await?;
                 let writing: Vec<&GroupPart<'_>> =
                     parts.iter().zip(&held).filter(|(_, held)| **held).map(|(part, _)| part).collect();
@@ -372,7 +387,7 @@ macro_rules! sql_store {
                 .bind(title)
                 .bind(uuid::Uuid::now_v7().to_string())
                 .bind(Utc::now().timestamp_millis())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 Ok(done.rows_affected() == 1)
             }
@@ -389,7 +404,7 @@ macro_rules! sql_store {
             }
 
             async fn migrate(&self) -> Result<(), StoreError> {
-                $migrator.run(&self.pool).await?;
+                $migrator.run(&self.writer).await?;
                 Ok(())
             }
 
@@ -444,7 +459,7 @@ macro_rules! sql_store {
                 )
                 .bind(id.as_str())
                 .bind(Utc::now().timestamp_millis())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 Ok(done.rows_affected() == 1)
             }
@@ -473,7 +488,7 @@ macro_rules! sql_store {
                 .bind(node)
                 .bind(expires)
                 .bind(now)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.writer)
                 .await?;
                 if let Some(row) = taken {
                     return Ok(Ownership::Acquired(Fence {
@@ -485,7 +500,7 @@ macro_rules! sql_store {
                     "SELECT node_id, expires_at_ms FROM session_owners WHERE session_id = $1",
                 )
                 .bind(id.as_str())
-                .fetch_one(&self.pool)
+                .fetch_one(&self.writer)
                 .await?;
                 Ok(Ownership::HeldBy {
                     node: holder.try_get("node_id")?,
@@ -513,7 +528,7 @@ macro_rules! sql_store {
                 )
                 .bind(node)
                 .bind(expires)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.writer)
                 .await?;
                 rows.iter()
                     .map(|row| {
@@ -534,7 +549,7 @@ macro_rules! sql_store {
                 .bind(id.as_str())
                 .bind(&fence.node)
                 .bind(fence.epoch)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 Ok(())
             }
@@ -646,7 +661,7 @@ macro_rules! sql_store {
                 doc: &DocName,
                 snapshot: &DocSnapshot,
             ) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.writer.begin().await?;
                 if $shared {
                     check_fence!(tx, id, fence);
                 }
@@ -695,7 +710,7 @@ macro_rules! sql_store {
                     return Ok(Vec::new());
                 }
                 let now = Utc::now().timestamp_millis();
-                let mut tx = self.pool.begin_with($begin).await?;
+                let mut tx = self.writer.begin_with($begin).await?;
                 for chunk in writes.inserts.chunks(500) {
                     let mut insert = QueryBuilder::new(
                         "INSERT INTO tasks (id, session_id, kind, input, priority, max_attempts, \
@@ -833,7 +848,7 @@ macro_rules! sql_store {
                     return Ok(Vec::new());
                 }
                 let now = claim.now.timestamp_millis();
-                let mut tx = self.pool.begin_with($begin).await?;
+                let mut tx = self.writer.begin_with($begin).await?;
                 // Priority first; within a priority, each session's oldest task (its turn 1),
                 // then each session's second oldest, and so on; among equal turns, the session
                 // served longest ago first. That is round-robin across sessions: a flood from one
@@ -981,7 +996,7 @@ macro_rules! sql_store {
                 .bind(council.data.as_str())
                 .bind(council.created_at.timestamp_millis())
                 .bind(now)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 Ok(())
             }
