@@ -80,8 +80,10 @@ pub struct Limits {
     #[arg(long, env = "CONCLAVE_COMMIT_BATCH", default_value_t = 256)]
     pub commit_batch: usize,
 
-    /// …or this many milliseconds after its first write.
-    #[arg(long, env = "CONCLAVE_COMMIT_WINDOW_MS", default_value_t = 2)]
+    /// …or this many milliseconds after its first write. 0 flushes as soon as the actor has
+    /// handled the messages in hand: batches still form behind the one in flight, and across
+    /// sessions in the node's group commit, so a wait buys little and costs every write.
+    #[arg(long, env = "CONCLAVE_COMMIT_WINDOW_MS", default_value_t = 0)]
     pub commit_window_ms: u64,
 
     /// Events each live session keeps in memory for fast replay; older ones come from the store.
@@ -182,7 +184,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             commit_batch: 256,
-            commit_window_ms: 2,
+            commit_window_ms: 0,
             event_tail: 1024,
             presence_interval_ms: 50,
             idle_timeout_s: 60,
