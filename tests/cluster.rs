@@ -29,19 +29,36 @@ fn node_on(db: &PgDatabase) -> TestServer {
 
 /// A node as a real process on the shared database, to kill or pause.
 async fn process_on(db: &PgDatabase, node_id: &str) -> BinaryServer {
-    let ttl = TTL_MS.to_string();
-    spawn_binary(
+    process_with(db, node_id, &[]).await
+}
+
+/// As [`process_on`], on the Redis bus under `prefix`, so it relays and is relayed to.
+async fn bus_process_on(db: &PgDatabase, node_id: &str, prefix: &str) -> BinaryServer {
+    process_with(
+        db,
+        node_id,
         &[
-            "--database-url",
-            db.url.as_str(),
-            "--node-id",
-            node_id,
-            "--owner-lease-ttl-ms",
-            ttl.as_str(),
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--bus-prefix",
+            prefix,
         ],
-        &[],
     )
     .await
+}
+
+async fn process_with(db: &PgDatabase, node_id: &str, more: &[&str]) -> BinaryServer {
+    let ttl = TTL_MS.to_string();
+    let mut args = vec![
+        "--database-url",
+        db.url.as_str(),
+        "--node-id",
+        node_id,
+        "--owner-lease-ttl-ms",
+        ttl.as_str(),
+    ];
+    args.extend_from_slice(more);
+    spawn_binary(&args, &[]).await
 }
 
 /// Joins `session`, retrying while another node's lease holds it; returns the `joined` frame
@@ -760,23 +777,7 @@ async fn recv_until(
 async fn a_relayed_client_resumes_on_its_own_node_after_the_owner_is_killed() {
     let db = PgDatabase::create();
     let prefix = format!("test-{}", uuid::Uuid::now_v7());
-    let ttl = TTL_MS.to_string();
-    let mut a = spawn_binary(
-        &[
-            "--database-url",
-            db.url.as_str(),
-            "--node-id",
-            "node-a",
-            "--owner-lease-ttl-ms",
-            ttl.as_str(),
-            "--redis-url",
-            "redis://127.0.0.1:6379",
-            "--bus-prefix",
-            prefix.as_str(),
-        ],
-        &[],
-    )
-    .await;
+    let mut a = bus_process_on(&db, "node-a", &prefix).await;
     let b = bus_node_on(&db, &prefix);
     let session = "relay-failover";
     let mut ada = WsClient::connect_hello(&a.ws_url(), "Ada").await;
@@ -1001,23 +1002,7 @@ async fn the_owner_forgets_the_clients_of_a_relay_node_that_died() {
     let db = PgDatabase::create();
     let prefix = format!("test-{}", uuid::Uuid::now_v7());
     let a = bus_node_on(&db, &prefix);
-    let ttl = TTL_MS.to_string();
-    let mut b = spawn_binary(
-        &[
-            "--database-url",
-            db.url.as_str(),
-            "--node-id",
-            "node-b",
-            "--owner-lease-ttl-ms",
-            ttl.as_str(),
-            "--redis-url",
-            "redis://127.0.0.1:6379",
-            "--bus-prefix",
-            prefix.as_str(),
-        ],
-        &[],
-    )
-    .await;
+    let mut b = bus_process_on(&db, "node-b", &prefix).await;
     let session = "relay-node-dies";
     let mut ada = WsClient::connect_hello(&a.ws_url(), "Ada").await;
     ada.join(session, None, None).await;

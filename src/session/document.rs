@@ -558,6 +558,12 @@ mod tests {
         assert_eq!(doc.summary().text, "");
     }
 
+    /// Applies a Yjs update that must be accepted, and marks it committed.
+    fn commit_yjs(doc: &mut Document, update: Vec<u8>, what: &str) {
+        let applied = doc.apply_yjs_update(update, 1 << 20).expect(what);
+        doc.committed(applied.version, applied.op.as_ref());
+    }
+
     /// Deletes must stay within what the document or the update holds; a real client's
     /// inserts and deletes, in one update or across two, are accepted.
     #[test]
@@ -575,20 +581,14 @@ mod tests {
             text.remove_range(&mut txn, 1, 2);
             txn.encode_update_v1()
         };
-        let applied = doc
-            .apply_yjs_update(both, 1 << 20)
-            .expect("insert and delete in one update");
-        doc.committed(applied.version, applied.op.as_ref());
+        commit_yjs(&mut doc, both, "insert and delete in one update");
         assert_eq!(doc.summary().text, "ad");
         let later = {
             let mut txn = client.transact_mut();
             text.remove_range(&mut txn, 0, 1);
             txn.encode_update_v1()
         };
-        let applied = doc
-            .apply_yjs_update(later, 1 << 20)
-            .expect("a delete of known text");
-        doc.committed(applied.version, applied.op.as_ref());
+        commit_yjs(&mut doc, later, "a delete of known text");
         assert_eq!(doc.summary().text, "d");
 
         // No blocks; a delete set for client 42: one range, clocks 10..15 (lib0 v1).

@@ -191,11 +191,7 @@ impl Store for FaultyStore {
             .into_iter()
             .map(|check| {
                 check?;
-                committed.next().unwrap_or_else(|| {
-                    Err(StoreError::Corrupt(
-                        "the store gave no result for this batch".into(),
-                    ))
-                })
+                committed.next().unwrap_or(Err(StoreError::Unanswered))
             })
             .collect()
     }

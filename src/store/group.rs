@@ -92,11 +92,7 @@ async fn lane(store: SharedStore, queue: Arc<Mutex<mpsc::UnboundedReceiver<Queue
         for (batch, done) in batches.into_iter().zip(answers) {
             // A store that panicked or answered fewer results than batches vouches for nothing:
             // the session refuses those writes rather than ack them.
-            let result = results.next().unwrap_or_else(|| {
-                Err(StoreError::Corrupt(
-                    "the store gave no result for this batch".into(),
-                ))
-            });
+            let result = results.next().unwrap_or(Err(StoreError::Unanswered));
             let _ = done.send(result.map(|()| batch));
         }
     }

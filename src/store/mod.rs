@@ -41,6 +41,10 @@ pub enum StoreError {
     /// say), and every batch in it shares the one error.
     #[error("{0}")]
     Group(Arc<StoreError>),
+    /// The store answered a group commit with fewer results than batches (or panicked), so it
+    /// vouches for none of the missing ones: they are refused, never acked.
+    #[error("the store gave no result for this batch")]
+    Unanswered,
     /// The node's committer has stopped: the node is shutting down.
     #[error("the store's committer has stopped")]
     CommitterStopped,
