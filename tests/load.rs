@@ -112,10 +112,13 @@ fn native_load_across_two_nodes_converges_through_relays() {
 fn yjs_load_is_fully_accounted_for_and_converges() {
     let server = TestServer::sqlite();
     let url = format!("{}/v1/yjs", base(&server));
-    let mut args = vec!["yjs", "--url", url.as_str()];
-    args.extend_from_slice(&SMALL);
-    let report = load(&args);
-    assert_accounted(&report, 6, 120);
+    for typing in ["runs", "interleaved"] {
+        let mut args = vec!["yjs", "--url", url.as_str(), "--typing", typing];
+        args.extend_from_slice(&SMALL);
+        let report = load(&args);
+        assert_eq!(report["params"]["typing"], typing, "{report}");
+        assert_accounted(&report, 6, 120);
+    }
 }
 
 #[test]

@@ -8,7 +8,9 @@
 #
 #   yjs    Conclave /v1/yjs, the y-websocket 1.5.4 server (bin/server.js) and Hocuspocus 4.7
 #          (`--framing hocuspocus`), each under `conclave load yjs` with the same parameters, at
-#          each rate of YJS_RATES (a light load, and one that saturates this machine)
+#          each rate of YJS_RATES (a light load, and ones that saturate this machine), with each
+#          `--typing` of YJS_TYPINGS (clients typing their own runs of text, or all appending
+#          at the shared end: one CRDT item per update)
 #   idle   resident memory per idle socket: Conclave (/v1/ws and /v1/yjs) and the two Yjs peers
 #   tasks  `conclave load tasks` against Conclave, and Celery 5.7 (Redis broker, acks_late)
 #          running the same number of no-op tasks with as many submitters and the same window
@@ -18,7 +20,8 @@
 # Redis on 127.0.0.1:6379 (tasks only). Knobs (environment):
 #
 #   SCENARIOS=yjs,idle,tasks   YJS_TARGETS=conclave,y-websocket,hocuspocus
-#   YJS_SESSIONS=10 YJS_CLIENTS=10 YJS_RATES=10,50 YJS_DURATION=20s
+#   YJS_SESSIONS=10 YJS_CLIENTS=10 YJS_RATES=10,50,100 YJS_TYPINGS=runs,interleaved
+#   YJS_DURATION=20s
 #   IDLE_COUNT=5000 IDLE_ROOMS=100 IDLE_HOLD=10s
 #   TASKS_COUNT=20000 TASKS_WORKERS=20 TASKS_CAPACITY=4 TASKS_SUBMITTERS=4 TASKS_WINDOW=64
 #   CELERY_DB=11   PORT_BASE=18480   CONCLAVE_BIN=target/release/conclave   PEERS_DIR=...
@@ -34,7 +37,8 @@ SCENARIOS="${SCENARIOS:-yjs,idle,tasks}"
 YJS_TARGETS="${YJS_TARGETS:-conclave,y-websocket,hocuspocus}"
 YJS_SESSIONS="${YJS_SESSIONS:-10}"
 YJS_CLIENTS="${YJS_CLIENTS:-10}"
-YJS_RATES="${YJS_RATES:-10,50}"
+YJS_RATES="${YJS_RATES:-10,50,100}"
+YJS_TYPINGS="${YJS_TYPINGS:-runs,interleaved}"
 YJS_DURATION="${YJS_DURATION:-20s}"
 IDLE_COUNT="${IDLE_COUNT:-5000}"
 IDLE_ROOMS="${IDLE_ROOMS:-100}"
@@ -248,27 +252,32 @@ yjs_args=(--sessions "$YJS_SESSIONS" --clients "$YJS_CLIENTS" --duration "$YJS_D
 idle_args=(--count "$IDLE_COUNT" --sessions "$IDLE_ROOMS" --duration "$IDLE_HOLD"
     --ramp-up 10s --timeout 30s)
 
-# Each rate against each server, a fresh server per run: runs yjs-<server>-r<rate>.
+# Each typing and rate against each server, a fresh server per run: runs
+# yjs-<server>-<typing>-r<rate>.
 if has "$SCENARIOS" yjs; then
-    for rate in ${YJS_RATES//,/ }; do
-        if has "$YJS_TARGETS" conclave; then
-            start_conclave "yjs-conclave-r$rate"
-            load "yjs-conclave-r$rate" yjs --url "ws://127.0.0.1:$conclave_port/v1/yjs" \
-                --rate "$rate" "${yjs_args[@]}"
-            stop_server
-        fi
-        if has "$YJS_TARGETS" y-websocket; then
-            start_ywebsocket "yjs-y-websocket-r$rate"
-            load "yjs-y-websocket-r$rate" yjs --url "ws://127.0.0.1:$ywebsocket_port" \
-                --rate "$rate" "${yjs_args[@]}"
-            stop_server
-        fi
-        if has "$YJS_TARGETS" hocuspocus; then
-            start_hocuspocus "yjs-hocuspocus-r$rate"
-            load "yjs-hocuspocus-r$rate" yjs --url "ws://127.0.0.1:$hocuspocus_port" \
-                --framing hocuspocus --rate "$rate" "${yjs_args[@]}"
-            stop_server
-        fi
+    for typing in ${YJS_TYPINGS//,/ }; do
+        for rate in ${YJS_RATES//,/ }; do
+            name="$typing-r$rate"
+            args=(--rate "$rate" --typing "$typing" "${yjs_args[@]}")
+            if has "$YJS_TARGETS" conclave; then
+                start_conclave "yjs-conclave-$name"
+                load "yjs-conclave-$name" yjs --url "ws://127.0.0.1:$conclave_port/v1/yjs" \
+                    "${args[@]}"
+                stop_server
+            fi
+            if has "$YJS_TARGETS" y-websocket; then
+                start_ywebsocket "yjs-y-websocket-$name"
+                load "yjs-y-websocket-$name" yjs --url "ws://127.0.0.1:$ywebsocket_port" \
+                    "${args[@]}"
+                stop_server
+            fi
+            if has "$YJS_TARGETS" hocuspocus; then
+                start_hocuspocus "yjs-hocuspocus-$name"
+                load "yjs-hocuspocus-$name" yjs --url "ws://127.0.0.1:$hocuspocus_port" \
+                    --framing hocuspocus "${args[@]}"
+                stop_server
+            fi
+        done
     done
 fi
 

@@ -70,47 +70,60 @@ def load(meta):
     return f"{meta['loadavg_before'].split()[0]} → {meta['loadavg_after'].split()[0]}"
 
 
-def yjs_rates(run):
-    """The rates the yjs scenario ran at, from its run names (yjs-<server>-r<rate>)."""
-    rates = {path.stem.rsplit("-r", 1)[1] for path in run.glob("yjs-*-r*.meta")}
-    return sorted(rates, key=float)
+def yjs_runs(run):
+    """The (typing, rate) pairs the yjs scenario ran, from its run names
+    (yjs-<server>-<typing>-r<rate>), typings in the order first seen and rates ascending."""
+    pairs = set()
+    for path in run.glob("yjs-*-r*.meta"):
+        head, rate = path.stem.rsplit("-r", 1)
+        pairs.add((head.rsplit("-", 1)[1], rate))
+    order = ["runs", "interleaved"]
+    return sorted(pairs, key=lambda p: (order.index(p[0]) if p[0] in order else 9, float(p[1])))
 
 
 def yjs_table(run, out):
-    rates = yjs_rates(run)
-    if not rates:
+    pairs = yjs_runs(run)
+    if not pairs:
         return
     first = next(
-        (r[0] for rate in rates for name, _ in YJS if (r := read(run, f"{name}-r{rate}")) and r[0]),
+        (
+            r[0]
+            for typing, rate in pairs
+            for name, _ in YJS
+            if (r := read(run, f"{name}-{typing}-r{rate}")) and r[0]
+        ),
         None,
     )
     params = first["params"] if first else {}
     out.append(
         f"**yjs**: `conclave load yjs --sessions {params.get('documents')} --clients "
-        f"{params.get('clients')} --rate R --duration {params.get('duration')} --ramp-up 2s` "
-        "against each server in turn: R updates/s per client, so documents × clients × R × "
-        "(clients − 1) deliveries/s are offered; sent/s below that means the clients could not "
-        "keep up\n"
+        f"{params.get('clients')} --typing T --rate R --duration {params.get('duration')} "
+        "--ramp-up 2s` against each server in turn: R updates/s per client, so documents × "
+        "clients × R × (clients − 1) deliveries/s are offered; sent/s below that means the "
+        "clients could not keep up. `runs`: each client types at the end of its own run of "
+        "text; `interleaved`: every client appends at the end of the shared text, so every "
+        "update is a CRDT item of its own\n"
     )
     out.append(
-        "| server | R | deliveries/s | broadcast p50 | p99 | max | sent/s | load avg | result |"
+        "| server | typing | R | deliveries/s | broadcast p50 | p99 | max | sent/s | load avg "
+        "| result |"
     )
-    out.append("|---|---:|---:|---:|---:|---:|---:|---|---|")
-    for rate in rates:
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
+    for typing, rate in pairs:
         for name, label in YJS:
-            found = read(run, f"{name}-r{rate}")
+            found = read(run, f"{name}-{typing}-r{rate}")
             if not found:
                 continue
             report, meta = found
             if report is None:
                 out.append(
-                    f"| {label} | {rate} | – | – | – | – | – | {load(meta)} "
+                    f"| {label} | {typing} | {rate} | – | – | – | – | – | {load(meta)} "
                     f"| {status(report, meta)} |"
                 )
                 continue
             broadcast = report["latency_ms"].get("broadcast", {})
             out.append(
-                f"| {label} | {rate} | {num(report['rates'].get('delivered_per_s'))} "
+                f"| {label} | {typing} | {rate} | {num(report['rates'].get('delivered_per_s'))} "
                 f"| {num(broadcast.get('p50_ms'), 1)} ms | {num(broadcast.get('p99_ms'), 1)} ms "
                 f"| {num(broadcast.get('max_ms'), 1)} ms | {num(report['rates'].get('sent_per_s'))} "
                 f"| {load(meta)} | {status(report, meta)} |"

@@ -8,14 +8,34 @@
 //! which is `yrs::sync`'s encoding. With `--framing hocuspocus` every message is addressed to
 //! the room as Hocuspocus 4 expects, after an auth message ([`framing`](super::framing)).
 //!
-//! Each send appends a marker `<client:unix µs>` to the `Y.Text` named `content` and sends the
-//! update. Receivers observe the text: every inserted marker from another client is one
-//! delivery, timed from the stamp it carries (same process, same clock: `stats::now_us`).
-//! Markers are only ever appended, so concurrent inserts never split one. At the end every
-//! client of a document must hold every marker sent to it, and the same text.
+//! Each send inserts a marker `<client:unix µs>` into the `Y.Text` named `content` and sends the
+//! update. Every marker from another client that a received update carries is one delivery,
+//! timed from the stamp it carries (same process, same clock: `stats::now_us`). Where it goes is
+//! `--typing`:
+//! - `runs` (the default): each client types on at the end of its own run of text, as people
+//!   write their own paragraphs. Its markers follow each other, so yrs keeps a client's run as
+//!   one item and a document holds about one item per client.
+//! - `interleaved`: each client appends at the very end of the shared text, after whatever came
+//!   last, so every marker is an item of its own: the worst case for a CRDT's item count, and
+//!   for any server that walks the text per update.
+//!
+//! Either way a marker goes in whole after a marker or at the start, so no insert splits one.
+//! A `runs` client writes into a document of its own markers only (appending there finds the
+//! end at once, where yrs walks the shared text from its start to find an offset) and applies
+//! the same update to its copy of the shared document.
+//!
+//! A receiver finds the markers in the update's bytes, where Yjs's v1 encoding keeps inserted
+//! strings as plain UTF-8, rather than by observing its text: a text observer's delta walks the
+//! whole text for every update applied, and in a run of thousands of inserts that walk was most
+//! of the load generator's time, more than any server's (README, "Where the Yjs time goes").
+//! A marker that arrives twice (in a sync step 2 and an update) counts once: each client's stamps
+//! strictly increase, and a sender's updates reach a receiver in order. The document is still
+//! applied, and at the end every client of a document must hold every marker sent to it and the
+//! same text.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,9 +45,8 @@ use tokio::time::{Instant, Interval};
 use tokio_tungstenite::tungstenite::Message;
 use url::Url;
 use yrs::sync::SyncMessage;
-use yrs::types::Delta;
 use yrs::updates::decoder::Decode as _;
-use yrs::{Any, Doc, GetString as _, Observable as _, OffsetKind, Options, Out, ReadTxn as _};
+use yrs::{Doc, GetString as _, OffsetKind, Options, ReadTxn as _};
 use yrs::{Text as _, TextRef, Transact as _, Update};
 
 use super::conduct::{
@@ -67,6 +86,19 @@ pub struct YjsArgs {
     /// (Hocuspocus 4, whose messages carry the document name).
     #[arg(long, value_enum, default_value_t = Framing::YWebsocket)]
     pub framing: Framing,
+    /// Where each client inserts: at the end of its own run of text, or at the end of the
+    /// shared text (every marker then an item of its own).
+    #[arg(long, value_enum, default_value_t = Typing::Runs)]
+    pub typing: Typing,
+}
+
+/// Where a client inserts its markers (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Typing {
+    /// At the end of the client's own run of text.
+    Runs,
+    /// At the end of the shared text.
+    Interleaved,
 }
 
 impl YjsArgs {
@@ -101,6 +133,7 @@ struct DocShared {
 struct Ctx {
     target: Target,
     framing: Framing,
+    typing: Typing,
     timeout: Duration,
     period: Duration,
     count: Option<u64>,
@@ -128,39 +161,50 @@ struct ClientResult {
 
 outcome!(ClientResult);
 
-/// Finds `<client:micros>` markers in inserted text.
-pub fn markers(text: &str) -> impl Iterator<Item = (u32, u64)> + '_ {
-    text.split('<').filter_map(|part| {
-        let (inner, _) = part.split_once('>')?;
-        let (client, t) = inner.split_once(':')?;
-        Some((client.parse().ok()?, t.parse().ok()?))
+/// Finds `<client:micros>` markers in inserted text, or in an encoded update, which holds its
+/// strings as UTF-8. Anything that does not read as a marker is skipped.
+pub fn markers(bytes: &[u8]) -> impl Iterator<Item = (u32, u64)> + '_ {
+    fn number<T: std::str::FromStr>(digits: &[u8]) -> Option<T> {
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    }
+    bytes.split(|b| *b == b'<').skip(1).filter_map(|part| {
+        let end = part.iter().position(|b| *b == b'>')?;
+        let inner = &part[..end];
+        let colon = inner.iter().position(|b| *b == b':')?;
+        Some((number(&inner[..colon])?, number(&inner[colon + 1..])?))
     })
 }
 
-/// Markers `(client, micros)` the text observer found, waiting for the client task to take
-/// them. The observer runs inside yrs transactions, so it can only hand them over.
-type Inbox = Arc<Mutex<Vec<(u32, u64)>>>;
+/// The newest stamp seen from each other client, so a marker that arrives twice counts once.
+#[derive(Default)]
+struct Ledger {
+    newest: HashMap<u32, u64>,
+}
 
-/// A document whose `content` text reports every inserted marker into its inbox.
-fn observed_doc() -> (Doc, TextRef, Inbox) {
+impl Ledger {
+    /// Whether `(client, t)` is new: later than every stamp seen from `client` before.
+    fn fresh(&mut self, client: u32, t: u64) -> bool {
+        let newest = self.newest.entry(client).or_insert(0);
+        if t > *newest {
+            *newest = t;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A client's document, with offsets in UTF-16 units as y-websocket's JavaScript clients count.
+fn client_doc() -> (Doc, TextRef) {
     let doc = Doc::with_options(Options {
         offset_kind: OffsetKind::Utf16,
         ..Options::default()
     });
     let text = doc.get_or_insert_text("content");
-    let inbox = Arc::new(Mutex::new(Vec::new()));
-    let sink = inbox.clone();
-    text.observe("load", move |txn, event| {
-        let Ok(mut sink) = sink.lock() else {
-            return;
-        };
-        for delta in event.delta(txn) {
-            if let Delta::Inserted(Out::Any(Any::String(s)), _) = delta {
-                sink.extend(markers(s));
-            }
-        }
-    });
-    (doc, text, inbox)
+    (doc, text)
 }
 
 struct Client {
@@ -169,7 +213,11 @@ struct Client {
     codec: Codec,
     doc: Doc,
     text: TextRef,
-    inbox: Inbox,
+    /// With `--typing runs`: the document of this client's own markers, where it writes.
+    run: Option<(Doc, TextRef)>,
+    ledger: Ledger,
+    /// The stamp of this client's last marker: the next is later, even within one µs.
+    last_stamp: u64,
     shared: Arc<DocShared>,
     ctx: Arc<Ctx>,
     cue: Cue,
@@ -185,29 +233,25 @@ impl Client {
         });
     }
 
-    /// Applies an update from the server, then accounts for the markers it brought.
+    /// Accounts for the markers an update from the server brings, then applies it.
     fn apply(&mut self, data: &[u8]) {
+        self.count_markers(data);
         let update = match Update::decode_v1(data) {
             Ok(update) => update,
             Err(err) => return self.error(Failure::new("bad_update", err.to_string())),
         };
         let applied = self.doc.transact_mut().apply_update(update);
         if let Err(err) = applied {
-            return self.error(Failure::new("bad_update", err.to_string()));
+            self.error(Failure::new("bad_update", err.to_string()));
         }
-        self.take_markers();
     }
 
-    fn take_markers(&mut self) {
-        let found = match self.inbox.lock() {
-            Ok(mut inbox) => std::mem::take(&mut *inbox),
-            Err(_) => return,
-        };
+    fn count_markers(&mut self, data: &[u8]) {
         let now = now_us();
         let since = self.ctx.run_start_us.load(Ordering::Relaxed);
         let running = self.cue.phase() == Phase::Run;
-        for (client, t) in found {
-            if client == self.index || t < since {
+        for (client, t) in markers(data) {
+            if client == self.index || t < since || !self.ledger.fresh(client, t) {
                 continue;
             }
             self.out.broadcast.record_us(now.saturating_sub(t));
@@ -300,15 +344,29 @@ impl Client {
     }
 
     async fn send_marker(&mut self) -> Result<(), Failure> {
-        let marker = format!("<{}:{}>", self.index, now_us());
-        let update = {
-            let mut txn = self.doc.transact_mut();
-            let end = self.text.len(&txn);
-            self.text.insert(&mut txn, end, &marker);
-            txn.encode_update_v1()
+        self.last_stamp = now_us().max(self.last_stamp + 1);
+        let marker = format!("<{}:{}>", self.index, self.last_stamp);
+        let update = match &self.run {
+            Some((run, run_text)) => {
+                let update = {
+                    let mut txn = run.transact_mut();
+                    run_text.push(&mut txn, &marker);
+                    txn.encode_update_v1()
+                };
+                let decoded = Update::decode_v1(&update)
+                    .map_err(|err| Failure::new("bad_update", err.to_string()))?;
+                self.doc
+                    .transact_mut()
+                    .apply_update(decoded)
+                    .map_err(|err| Failure::new("bad_update", err.to_string()))?;
+                update
+            }
+            None => {
+                let mut txn = self.doc.transact_mut();
+                self.text.push(&mut txn, &marker);
+                txn.encode_update_v1()
+            }
         };
-        // Our own marker went through the observer too; it is not a delivery.
-        self.take_markers();
         self.out.sent += 1;
         self.shared.sent.fetch_add(1, Ordering::Relaxed);
         Live::bump(&self.ctx.live.sent);
@@ -410,14 +468,16 @@ async fn client_task(
             return out;
         }
     };
-    let (doc, text, inbox) = observed_doc();
+    let (doc, text) = client_doc();
     let mut client = Client {
         index,
         ws,
         codec: Codec::new(ctx.framing, shared.room.clone()),
         doc,
         text,
-        inbox,
+        run: (ctx.typing == Typing::Runs).then(client_doc),
+        ledger: Ledger::default(),
+        last_stamp: 0,
         shared,
         ctx: ctx.clone(),
         cue,
@@ -450,6 +510,7 @@ pub async fn run(args: YjsArgs) -> Result<Report, LoadError> {
     let ctx = Arc::new(Ctx {
         target: target.clone(),
         framing: args.framing,
+        typing: args.typing,
         timeout: common.timeout,
         period: Duration::from_secs_f64(1.0 / args.rate),
         count: args.count,
@@ -499,6 +560,13 @@ pub async fn run(args: YjsArgs) -> Result<Report, LoadError> {
     if args.framing == Framing::Hocuspocus {
         report.param("framing", "hocuspocus");
     }
+    report.param(
+        "typing",
+        match args.typing {
+            Typing::Runs => "runs",
+            Typing::Interleaved => "interleaved",
+        },
+    );
     report.param(
         "ramp_up",
         humantime::format_duration(common.ramp_up).to_string(),
@@ -594,7 +662,7 @@ mod tests {
 
     #[test]
     fn markers_parse_from_merged_inserts() {
-        let found: Vec<_> = markers("<3:17><12:5>junk<x:1><4:>").collect();
+        let found: Vec<_> = markers(b"3:9><3:17><12:5>junk<x:1><4:><+5:1><6:2").collect();
         assert_eq!(found, vec![(3, 17), (12, 5)]);
     }
 
@@ -626,33 +694,70 @@ mod tests {
         assert!(frames::decode(&[0, 9, 1]).iter().any(Result::is_err));
     }
 
-    /// Two clients exchange updates as over the wire: each sees the other's marker once, never
-    /// its own, and both end with the same text.
+    /// With `--typing runs` a client writes in a document of its own markers and applies the
+    /// same update to its shared copy: every copy converges, and each client's markers stay one
+    /// run, however the clients interleave.
     #[test]
-    fn observed_docs_report_remote_markers_and_converge() {
-        let (a, a_text, a_inbox) = observed_doc();
-        let (b, b_text, b_inbox) = observed_doc();
-        let update = |doc: &Doc, text: &TextRef, s: &str| {
+    fn runs_stay_together_and_converge() {
+        let shared: Vec<(Doc, TextRef)> = (0..3).map(|_| client_doc()).collect();
+        let runs: Vec<(Doc, TextRef)> = (0..3).map(|_| client_doc()).collect();
+        for round in 0..4 {
+            for (c, (run, run_text)) in runs.iter().enumerate() {
+                let update = {
+                    let mut txn = run.transact_mut();
+                    run_text.push(&mut txn, &format!("<{c}:{round}>"));
+                    txn.encode_update_v1()
+                };
+                for (doc, _) in &shared {
+                    doc.transact_mut()
+                        .apply_update(Update::decode_v1(&update).unwrap())
+                        .unwrap();
+                }
+            }
+        }
+        let texts: Vec<String> = shared
+            .iter()
+            .map(|(doc, text)| text.get_string(&doc.transact()))
+            .collect();
+        assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+        for c in 0..3 {
+            let run: String = (0..4).map(|round| format!("<{c}:{round}>")).collect();
+            assert!(texts[0].contains(&run), "{} lacks {run}", texts[0]);
+        }
+    }
+
+    /// Markers are found in encoded updates as a server sends them: one client's own update, a
+    /// merge of several, and a whole-document sync step 2 that repeats what came before, which
+    /// the ledger counts once.
+    #[test]
+    fn markers_are_found_in_updates_and_counted_once() {
+        let (a, a_text) = client_doc();
+        let (b, b_text) = client_doc();
+        let append = |doc: &Doc, text: &TextRef, s: &str| {
             let mut txn = doc.transact_mut();
-            let end = text.len(&txn);
-            text.insert(&mut txn, end, s);
+            text.push(&mut txn, s);
             txn.encode_update_v1()
         };
-        let ua = update(&a, &a_text, "<0:100>");
-        let ub = update(&b, &b_text, "<1:200>");
-        a_inbox.lock().unwrap().clear();
-        b_inbox.lock().unwrap().clear();
-        b.transact_mut()
-            .apply_update(Update::decode_v1(&ua).unwrap())
-            .unwrap();
-        a.transact_mut()
-            .apply_update(Update::decode_v1(&ub).unwrap())
-            .unwrap();
-        assert_eq!(*a_inbox.lock().unwrap(), vec![(1, 200)]);
-        assert_eq!(*b_inbox.lock().unwrap(), vec![(0, 100)]);
-        assert_eq!(
-            a_text.get_string(&a.transact()),
-            b_text.get_string(&b.transact())
-        );
+        let a1 = append(&a, &a_text, "<0:100>");
+        let a2 = append(&a, &a_text, "<0:150>");
+        let b1 = append(&b, &b_text, "<1:200>");
+        let merged = yrs::merge_updates_v1([&a1[..], &a2[..], &b1[..]]).unwrap();
+        let mut found: Vec<_> = markers(&merged).collect();
+        found.sort_unstable();
+        assert_eq!(found, vec![(0, 100), (0, 150), (1, 200)]);
+
+        let mut ledger = Ledger::default();
+        let mut fresh = |update: &[u8]| -> Vec<(u32, u64)> {
+            markers(update)
+                .filter(|(client, t)| ledger.fresh(*client, *t))
+                .collect()
+        };
+        assert_eq!(fresh(&a1), vec![(0, 100)]);
+        let whole = a
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        assert_eq!(fresh(&whole), vec![(0, 150)]);
+        assert_eq!(fresh(&a2), vec![]);
+        assert_eq!(fresh(&b1), vec![(1, 200)]);
     }
 }
