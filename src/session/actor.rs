@@ -559,7 +559,7 @@ impl SessionActor {
         self.broadcast(Deliver::ordered(joined));
     }
 
-    fn joined_frame(&self, reference: Option<&str>) -> bytestring::ByteString {
+    fn joined_frame(&mut self, reference: Option<&str>) -> bytestring::ByteString {
         let members = self.member_list();
         let presence = self.presence_list();
         let docs = self.doc_list();
@@ -626,8 +626,8 @@ impl SessionActor {
         true
     }
 
-    fn doc_list(&self) -> Vec<DocSummary> {
-        self.docs.values().map(Document::summary).collect()
+    fn doc_list(&mut self) -> Vec<DocSummary> {
+        self.docs.values_mut().map(Document::summary).collect()
     }
 
     /// Compacts every document with at least `threshold` updates since its snapshot.
@@ -1468,7 +1468,7 @@ impl Handler<ReadDoc> for SessionActor {
         if !self.loaded {
             return Err(self.unserved());
         }
-        Ok(self.docs.get(&msg.doc).map_or_else(
+        Ok(self.docs.get_mut(&msg.doc).map_or_else(
             || DocSummary {
                 name: msg.doc.to_string(),
                 version: 0,

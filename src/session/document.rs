@@ -21,6 +21,7 @@ use yrs::{
     Transact, Update,
 };
 
+use super::mirror::Mirror;
 use super::ot::{Component, Operation, transform, utf16_len};
 use crate::protocol::frames::DocSummary;
 use crate::protocol::{DocName, ErrorCode, Refusal};
@@ -98,7 +99,7 @@ pub struct Document {
     next_seq: u64,
     /// `(version, operation)` for the newest versions, oldest first.
     history: VecDeque<(u64, Operation)>,
-    committed_text: Vec<u16>,
+    mirror: Mirror,
     committed_version: u64,
     /// Updates applied in memory whose batch has not committed yet.
     uncommitted: u64,
@@ -145,7 +146,7 @@ impl Document {
             version: 0,
             next_seq: 1,
             history: VecDeque::new(),
-            committed_text: Vec::new(),
+            mirror: Mirror::new(Vec::new()),
             committed_version: 0,
             uncommitted: 0,
             snapshot_seq: 0,
@@ -168,7 +169,7 @@ impl Document {
                 txn.apply_update(update).map_err(|e| fail(e.to_string()))?;
             }
         }
-        let committed_text = text.get_string(&doc.transact()).encode_utf16().collect();
+        let mirror = Mirror::new(text.get_string(&doc.transact()).encode_utf16().collect());
         deltas.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let version = stored.version();
         Ok(Self {
@@ -180,7 +181,7 @@ impl Document {
             version,
             next_seq: stored.last_seq() + 1,
             history: VecDeque::new(),
-            committed_text,
+            mirror,
             committed_version: version,
             uncommitted: 0,
             snapshot_seq: stored.snapshot.as_ref().map_or(0, |s| s.upto_seq),
@@ -434,34 +435,28 @@ impl Document {
     /// Advances the committed mirror by one committed update (`op` is its change to the text).
     pub fn committed(&mut self, version: u64, op: Option<&Operation>) {
         self.uncommitted = self.uncommitted.saturating_sub(1);
-        if self.uncommitted == 0 {
-            // Nothing in memory is uncommitted: the mirror is the document itself. This also
-            // heals a mirror that an op could not reach (a Yjs client that split a surrogate
-            // pair, which JS strings allow).
-            self.committed_text = self
-                .text
-                .get_string(&self.doc.transact())
-                .encode_utf16()
-                .collect();
-            self.committed_version = version;
-            return;
-        }
-        let Some(op) = op else { return };
-        match op.apply(&self.committed_text) {
-            Ok(text) => self.committed_text = text,
-            Err(err) => {
-                tracing::warn!(doc = %self.name, %err, "op did not apply to the mirror; it heals when settled")
-            }
+        if let Some(op) = op {
+            self.mirror.push(op);
         }
         self.committed_version = version;
+        if self.uncommitted == 0 {
+            // Nothing in memory is uncommitted: the mirror must be the document itself. One
+            // that an op could not reach (a Yjs client that split a surrogate pair, which JS
+            // strings allow) is healed from it here.
+            let units = u64::from(self.text.len(&self.doc.transact()));
+            if !self.mirror.agrees_with(units) {
+                let text = self.text.get_string(&self.doc.transact());
+                self.mirror.reset(text.encode_utf16().collect());
+            }
+        }
     }
 
     /// The committed state, as `joined` and REST show it.
-    pub fn summary(&self) -> DocSummary {
+    pub fn summary(&mut self) -> DocSummary {
         DocSummary {
             name: self.name.to_string(),
             version: self.committed_version,
-            text: String::from_utf16_lossy(&self.committed_text),
+            text: self.mirror.text(),
         }
     }
 
@@ -729,7 +724,7 @@ mod tests {
         // It used to be accepted and held pending; it does not connect, so it is refused now.
         assert_eq!(accepted, 0, "the fuzzer's update was accepted");
         let snapshot = doc.begin_compaction().expect("a settled document compacts");
-        let reloaded = Document::load(StoredDoc {
+        let mut reloaded = Document::load(StoredDoc {
             name,
             snapshot: Some(snapshot),
             updates: Vec::new(),

@@ -6,6 +6,7 @@ pub mod document;
 mod fanout;
 pub mod log;
 mod messages;
+mod mirror;
 pub mod ot;
 mod registry;
 mod relay;
