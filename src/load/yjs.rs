@@ -178,6 +178,11 @@ pub fn markers(bytes: &[u8]) -> impl Iterator<Item = (u32, u64)> + '_ {
     })
 }
 
+/// An update the client could not decode or apply.
+fn bad_update(err: impl std::fmt::Display) -> Failure {
+    Failure::new("bad_update", err.to_string())
+}
+
 /// The newest stamp seen from each other client, so a marker that arrives twice counts once.
 #[derive(Default)]
 struct Ledger {
@@ -238,11 +243,11 @@ impl Client {
         self.count_markers(data);
         let update = match Update::decode_v1(data) {
             Ok(update) => update,
-            Err(err) => return self.error(Failure::new("bad_update", err.to_string())),
+            Err(err) => return self.error(bad_update(err)),
         };
         let applied = self.doc.transact_mut().apply_update(update);
         if let Err(err) = applied {
-            self.error(Failure::new("bad_update", err.to_string()));
+            self.error(bad_update(err));
         }
     }
 
@@ -353,12 +358,11 @@ impl Client {
                     run_text.push(&mut txn, &marker);
                     txn.encode_update_v1()
                 };
-                let decoded = Update::decode_v1(&update)
-                    .map_err(|err| Failure::new("bad_update", err.to_string()))?;
+                let decoded = Update::decode_v1(&update).map_err(bad_update)?;
                 self.doc
                     .transact_mut()
                     .apply_update(decoded)
-                    .map_err(|err| Failure::new("bad_update", err.to_string()))?;
+                    .map_err(bad_update)?;
                 update
             }
             None => {

@@ -133,6 +133,11 @@ fn new_doc() -> (Doc, TextRef, DeltaSink) {
     (doc, text, deltas)
 }
 
+/// The text of `content` in UTF-16 units, the unit of every offset.
+fn utf16_text(doc: &Doc, text: &TextRef) -> Vec<u16> {
+    text.get_string(&doc.transact()).encode_utf16().collect()
+}
+
 impl Document {
     /// A document that does not exist yet: version 0, empty.
     pub fn new(name: DocName) -> Self {
@@ -169,7 +174,7 @@ impl Document {
                 txn.apply_update(update).map_err(|e| fail(e.to_string()))?;
             }
         }
-        let mirror = Mirror::new(text.get_string(&doc.transact()).encode_utf16().collect());
+        let mirror = Mirror::new(utf16_text(&doc, &text));
         deltas.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let version = stored.version();
         Ok(Self {
@@ -218,11 +223,7 @@ impl Document {
         }
         let mut op =
             Operation::normalize(components).map_err(|e| Refusal::bad_request(e.to_string()))?;
-        let current: Vec<u16> = self
-            .text
-            .get_string(&self.doc.transact())
-            .encode_utf16()
-            .collect();
+        let current = utf16_text(&self.doc, &self.text);
         // The op was written against version `base`: it must fit the document as it was then,
         // not merely after rebasing (which can stretch a retain over text inserted since).
         let since_base = self.history.iter().filter(|(v, _)| *v > base);
@@ -445,8 +446,7 @@ impl Document {
             // strings allow) is healed from it here.
             let units = u64::from(self.text.len(&self.doc.transact()));
             if !self.mirror.agrees_with(units) {
-                let text = self.text.get_string(&self.doc.transact());
-                self.mirror.reset(text.encode_utf16().collect());
+                self.mirror.reset(utf16_text(&self.doc, &self.text));
             }
         }
     }
@@ -551,6 +551,36 @@ mod tests {
         let refusal = refused.expect_err("a gap in client 2's clocks");
         assert!(refusal.message.contains("does not connect"), "{refusal:?}");
         assert_eq!(doc.summary().text, "");
+    }
+
+    /// Readers see committed changes only, in order: with later edits applied but not yet
+    /// committed, the summary is the text as of the last commit, though the mirror composes
+    /// the commits and applies them only when read.
+    #[test]
+    fn the_summary_shows_only_committed_changes() {
+        let mut doc = Document::new(DocName::parse("main").expect("name"));
+        let mut applied = Vec::new();
+        for (base, s) in ["a", "b", "c"].into_iter().enumerate() {
+            let base = base as u64;
+            let mut ops = vec![Component::Insert(s.to_owned())];
+            if base > 0 {
+                ops.insert(0, Component::Retain(base));
+            }
+            let edit = doc.edit(base, ops, 1 << 20).expect("an edit at the end");
+            applied.push(edit.expect("a change"));
+        }
+        let read = |doc: &mut Document| {
+            let summary = doc.summary();
+            (summary.version, summary.text)
+        };
+        assert_eq!(read(&mut doc), (0, String::new()));
+        let mut want = String::new();
+        for edit in &applied {
+            doc.committed(edit.version, Some(&edit.op));
+            want.push_str(["a", "b", "c"][edit.version as usize - 1]);
+            assert_eq!(read(&mut doc), (edit.version, want.clone()));
+        }
+        assert!(doc.is_settled());
     }
 
     /// Applies a Yjs update that must be accepted, and marks it committed.
