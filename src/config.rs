@@ -142,6 +142,10 @@ pub struct Limits {
     #[arg(long, env = "CONCLAVE_MAX_LIVE_SESSIONS", default_value_t = 100_000)]
     pub max_live_sessions: usize,
 
+    /// WebSockets open on this node at once; past it an upgrade is answered 429.
+    #[arg(long, env = "CONCLAVE_MAX_SOCKETS", default_value_t = 100_000)]
+    pub max_sockets: usize,
+
     /// Seconds a new socket has to send `hello`.
     #[arg(long, env = "CONCLAVE_HELLO_TIMEOUT_S", default_value_t = 10)]
     pub hello_timeout_s: u64,
@@ -199,6 +203,7 @@ impl Default for Limits {
             max_members: 1000,
             max_doc_units: 4 << 20,
             max_live_sessions: 100_000,
+            max_sockets: 100_000,
             hello_timeout_s: 10,
             socket_timeout_s: 60,
             worker_heartbeat_s: 5,

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+pub use crate::conn::socket::OpenSockets;
+
 use crate::auth::Authenticator;
 use crate::cluster::SharedBus;
 use crate::config::Limits;
@@ -21,4 +23,6 @@ pub struct Node {
     pub councils: Arc<Councils>,
     /// The bus to the other nodes (in-process on a single node).
     pub bus: SharedBus,
+    /// WebSockets open, against `limits.max_sockets`.
+    pub sockets: OpenSockets,
 }

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Arbiter, ArbiterHandle};
-use actix_web::{App, HttpServer};
+use actix_http::HttpService;
+use actix_service::{fn_service, map_config};
+use actix_web::App;
+use actix_web::dev::AppConfig;
 
 use crate::cluster::{LocalBus, RedisBus, SharedBus};
 use crate::config::{ConfigError, ServeConfig};
@@ -21,6 +24,9 @@ use crate::tasks::{SchedulerConfig, SchedulerHandle};
 
 /// How long shutdown waits for sessions to flush their last batch.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections the kernel queues before they are accepted: a load test opens thousands at once.
+const ACCEPT_BACKLOG: u32 = 2048;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +48,7 @@ pub enum ServerError {
 pub struct RunningServer {
     node: Arc<Node>,
     addr: SocketAddr,
-    http: actix_web::dev::ServerHandle,
+    http: actix_server::ServerHandle,
     arbiters: Vec<Arbiter>,
 }
 
@@ -125,24 +131,41 @@ pub async fn start_with_store(
         scheduler,
         councils,
         bus,
+        sockets: crate::node::OpenSockets::default(),
     });
 
     actix::spawn(crate::memory::trim_after_passivation(node.registry.clone()));
+    let listener = listen(config.bind).map_err(|source| ServerError::Bind {
+        addr: config.bind,
+        source,
+    })?;
+    let addr = listener.local_addr().unwrap_or(config.bind);
     let app_node = node.clone();
-    let server =
-        HttpServer::new(move || App::new().configure(crate::http::configure(app_node.clone())))
-            .workers(cores)
-            // Acks and broadcasts are small frames that must leave at once; with Nagle on, an
-            // ack written after another frame waits for the client's delayed ACK (~40 ms).
-            .tcp_nodelay(true)
-            .disable_signals()
-            .shutdown_timeout(1)
-            .bind(config.bind)
-            .map_err(|source| ServerError::Bind {
-                addr: config.bind,
-                source,
-            })?;
-    let addr = server.addrs().first().copied().unwrap_or(config.bind);
+    // actix-web's `HttpServer` cannot hand upgrades to a service of their own, so the HTTP
+    // service is assembled here: the app for requests, `http::upgrade` for WebSockets.
+    let server = actix_server::Server::build()
+        .workers(cores)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .listen("conclave", listener, move || {
+            let app = App::new().configure(crate::http::configure(app_node.clone()));
+            let upgrade_node = app_node.clone();
+            HttpService::build()
+                // Acks and broadcasts are small frames that must leave at once; with Nagle on,
+                // an ack written after another frame waits for the client's delayed ACK.
+                .tcp_nodelay(true)
+                .client_request_timeout(Duration::from_secs(5))
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .upgrade(fn_service(move |(req, connection)| {
+                    crate::http::upgrade::serve(upgrade_node.clone(), req, connection)
+                }))
+                .finish(map_config(app, |()| AppConfig::default()))
+                .tcp()
+        })
+        .map_err(|source| ServerError::Bind {
+            addr: config.bind,
+            source,
+        })?;
     let server = server.run();
     let http = server.handle();
     actix::spawn(async move {
@@ -157,6 +180,18 @@ pub async fn start_with_store(
         http,
         arbiters,
     })
+}
+
+/// Binds the listening socket, reusing an address in TIME_WAIT as actix-web does.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)?.into_std()
 }
 
 impl RunningServer {

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::socket::{CloseCode, ProtocolError, Received};
 use actix::prelude::*;
-use actix_ws::{AggregatedMessage, CloseCode, ProtocolError};
 use bytestring::ByteString;
 
 use super::guard::{FrameGuard, Inbound, Verdict, classify};
@@ -505,8 +505,8 @@ impl Handler<Deliver> for ClientConn {
     }
 }
 
-impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for ClientConn {
-    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
+impl StreamHandler<Result<Received, ProtocolError>> for ClientConn {
+    fn handle(&mut self, item: Result<Received, ProtocolError>, ctx: &mut Context<Self>) {
         self.last_heard = Instant::now();
         match classify(item) {
             Inbound::Text(text) => self.on_text(&text, ctx),

@@ -6,7 +6,7 @@
 //! A frame over either limit is refused with an error and the socket lives on; a client that
 //! keeps at it is closed (1009 for size, 1008 for rate), as PROTOCOL.md promises.
 
-use actix_ws::{AggregatedMessage, CloseCode, ProtocolError};
+use super::socket::{CloseCode, ProtocolError, Received};
 use bytestring::ByteString;
 
 use super::rate::TokenBucket;
@@ -96,14 +96,14 @@ pub enum Inbound {
     Fatal(CloseCode, Refusal),
 }
 
-pub fn classify(item: Result<AggregatedMessage, ProtocolError>) -> Inbound {
+pub fn classify(item: Result<Received, ProtocolError>) -> Inbound {
     match item {
-        Ok(AggregatedMessage::Text(text)) => Inbound::Text(text),
-        Ok(AggregatedMessage::Binary(_)) => {
+        Ok(Received::Text(text)) => Inbound::Text(text),
+        Ok(Received::Binary(_)) => {
             Inbound::Refuse(Refusal::bad_request("this protocol is JSON text frames"))
         }
-        Ok(AggregatedMessage::Ping(_) | AggregatedMessage::Pong(_)) => Inbound::Ignore,
-        Ok(AggregatedMessage::Close(_)) => Inbound::Closed,
+        Ok(Received::Ping(_) | Received::Pong(_)) => Inbound::Ignore,
+        Ok(Received::Close(_)) => Inbound::Closed,
         // The codec cannot skip a frame it refused to buffer, so this one ends the socket.
         Err(ProtocolError::Overflow) => Inbound::Fatal(
             CloseCode::Size,

@@ -1,9 +1,11 @@
-//! Connection actors: one per socket, each owning its socket and outbound queue.
+//! Connection actors: one per socket, each owning its socket and outbound queue, and the
+//! WebSocket transport they read and write through.
 
 mod client;
 mod guard;
 mod outbound;
 mod rate;
+pub mod socket;
 mod worker;
 mod yjs;
 

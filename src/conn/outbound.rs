@@ -1,21 +1,22 @@
-//! A connection's outbound queue: bounded in bytes, drained to the socket by one writer task.
+//! A connection's outbound queue: bounded in bytes, drained to the socket by one writer.
 //!
-//! actix-ws sends through a small channel whose `send` waits when the client does not read. The
-//! connection actor must never wait on that, so frames go into this queue and a local task
-//! writes them in order. The queue counts the bytes it holds, live frames and replayed history
-//! apart: when a live frame would push it past its bound, presence is shed and anything else
-//! marks the client a slow consumer; replay has its own, larger allowance so a client that fell
-//! behind can catch up. A slow consumer's queued frames are discarded and it gets a close frame
-//! (1013), so a stalled reader costs at most the bounds, never unbounded memory.
+//! The connection actor must never wait on a socket, so frames go into this queue and the
+//! connection's writer ([`Outbound::open`]) encodes them in order, gathering whatever is queued
+//! into one write. The queue counts the bytes it holds, live frames and replayed history apart:
+//! when a live frame would push it past its bound, presence is shed and anything else marks the
+//! client a slow consumer; replay has its own, larger allowance so a client that fell behind can
+//! catch up. A slow consumer's queued frames are discarded and it gets a close frame (1013), so
+//! a stalled reader costs at most the bounds, never unbounded memory.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use actix_ws::{CloseCode, CloseReason, Session};
 use bytestring::ByteString;
-use tokio::sync::mpsc;
+use futures_channel::mpsc;
 
+use super::socket::{CloseCode, CloseReason, FrameWriter, Pongs};
 use crate::session::{FrameClass, REPLAY_BUDGET_FACTOR};
 
 /// Which byte count a queued frame is charged to.
@@ -29,6 +30,7 @@ enum Outgoing {
     Text(ByteString, Account),
     Binary(bytes::Bytes, Account),
     Ping,
+    Pong(bytes::Bytes, Account),
     Close(CloseReason),
 }
 
@@ -63,7 +65,9 @@ impl Queued {
     }
 }
 
-/// The sending half, owned by the connection actor.
+/// The sending half, owned by the connection actor (and a clone by its socket reader, which
+/// queues the pongs that answer pings).
+#[derive(Clone)]
 pub struct Outbound {
     tx: mpsc::UnboundedSender<Outgoing>,
     queued: Arc<Queued>,
@@ -74,14 +78,25 @@ pub struct Outbound {
 /// bounds how long a writer outlives its connection actor while flushing a close frame.
 const WRITE_STALL: Duration = Duration::from_secs(30);
 
+/// The most bytes gathered from the queue into one write.
+const GATHER_BYTES: usize = 64 * 1024;
+
 impl Outbound {
-    /// Starts the writer task for `session` on the current arbiter. The task outlives the
-    /// connection actor just long enough to flush a final close frame.
-    pub fn start(session: Session, limit: usize) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// A queue of at most `limit` live bytes, and the writer that drains it into `writer`. The
+    /// writer runs until the connection ends (every `Outbound` dropped, a close frame flushed,
+    /// or a write failed or stalled); whoever serves the connection awaits it, so the socket's
+    /// lifetime is the writer's.
+    pub fn open(writer: FrameWriter, limit: usize) -> (Self, impl Future<Output = ()>) {
+        // futures' channel rather than tokio's: tokio's allocates a block of 32 slots up front,
+        // more than an idle socket costs in all.
+        let (tx, rx) = mpsc::unbounded();
         let queued = Arc::new(Queued::default());
-        actix::spawn(write_loop(session, rx, queued.clone()));
-        Self { tx, queued, limit }
+        let outbound = Self {
+            tx,
+            queued: queued.clone(),
+            limit,
+        };
+        (outbound, write_loop(writer, rx, queued))
     }
 
     pub fn push_text(&self, frame: ByteString, class: FrameClass) -> Pushed {
@@ -119,19 +134,19 @@ impl Outbound {
             };
         }
         counter.fetch_add(len, Ordering::Relaxed);
-        if self.tx.send(item(account)).is_err() {
+        if self.tx.unbounded_send(item(account)).is_err() {
             return Pushed::Closed;
         }
         Pushed::Queued
     }
 
     pub fn ping(&self) {
-        let _ = self.tx.send(Outgoing::Ping);
+        let _ = self.tx.unbounded_send(Outgoing::Ping);
     }
 
     /// Queues a close frame after everything already queued.
     pub fn close(&self, code: CloseCode, description: &str) {
-        let _ = self.tx.send(Outgoing::Close(CloseReason {
+        let _ = self.tx.unbounded_send(Outgoing::Close(CloseReason {
             code,
             description: Some(description.to_owned()),
         }));
@@ -155,49 +170,99 @@ impl Outbound {
 }
 
 async fn write_loop(
-    mut session: Session,
+    mut writer: FrameWriter,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     queued: Arc<Queued>,
 ) {
-    while let Some(item) = rx.recv().await {
-        let sent = match item {
-            Outgoing::Text(frame, account) => {
-                let len = frame.len();
-                let sent = if queued.discard.load(Ordering::Relaxed) {
-                    Ok(())
-                } else {
-                    stalled(session.text(frame)).await
-                };
-                queued.counter(account).fetch_sub(len, Ordering::Relaxed);
-                sent
+    let mut next = rx.recv().await.ok();
+    while let Some(first) = next.take() {
+        let mut item = Some(first);
+        while let Some(queued_item) = item.take() {
+            match encode(&mut writer, queued_item, &queued) {
+                Ok(Written::Frame) => {}
+                Ok(Written::Close) => {
+                    let _ = tokio::time::timeout(WRITE_STALL, writer.shutdown()).await;
+                    return;
+                }
+                Err(err) => {
+                    tracing::debug!(%err, "cannot encode an outbound frame; closing");
+                    return;
+                }
             }
-            Outgoing::Binary(frame, account) => {
-                let len = frame.len();
-                let sent = if queued.discard.load(Ordering::Relaxed) {
-                    Ok(())
-                } else {
-                    stalled(session.binary(frame)).await
-                };
-                queued.counter(account).fetch_sub(len, Ordering::Relaxed);
-                sent
+            if writer.buffered() < GATHER_BYTES {
+                item = rx.try_recv().ok();
             }
-            Outgoing::Ping => stalled(session.ping(b"")).await,
-            Outgoing::Close(reason) => {
-                let _ = tokio::time::timeout(WRITE_STALL, session.close(Some(reason))).await;
-                return;
-            }
-        };
-        if sent.is_err() {
-            return;
+        }
+        next = rx.try_recv().ok();
+        // With nothing else queued the socket may go quiet for long: free the buffer.
+        let idle = next.is_none();
+        match tokio::time::timeout(WRITE_STALL, writer.flush(idle)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+        if next.is_none() {
+            next = rx.recv().await.ok();
         }
     }
 }
 
-/// A socket write that gives up after [`WRITE_STALL`].
-async fn stalled(
-    write: impl std::future::Future<Output = Result<(), actix_ws::Closed>>,
-) -> Result<(), actix_ws::Closed> {
-    tokio::time::timeout(WRITE_STALL, write)
-        .await
-        .unwrap_or(Err(actix_ws::Closed))
+/// What [`encode`] put into the writer's buffer.
+enum Written {
+    Frame,
+    /// A close frame: the connection ends once it is flushed.
+    Close,
+}
+
+/// Encodes one queued item, releasing its bytes from the queue's count. After a slow consumer
+/// is dropped, data frames are skipped.
+fn encode(writer: &mut FrameWriter, item: Outgoing, queued: &Queued) -> std::io::Result<Written> {
+    let discard = queued.discard.load(Ordering::Relaxed);
+    let (len, account, encoded) = match item {
+        Outgoing::Text(frame, account) => {
+            let len = frame.len();
+            (
+                len,
+                account,
+                if discard { Ok(()) } else { writer.text(frame) },
+            )
+        }
+        Outgoing::Binary(frame, account) => {
+            let len = frame.len();
+            (
+                len,
+                account,
+                if discard {
+                    Ok(())
+                } else {
+                    writer.binary(frame)
+                },
+            )
+        }
+        Outgoing::Pong(payload, account) => {
+            let len = payload.len();
+            (
+                len,
+                account,
+                if discard {
+                    Ok(())
+                } else {
+                    writer.pong(payload)
+                },
+            )
+        }
+        Outgoing::Ping => return writer.ping().map(|()| Written::Frame),
+        Outgoing::Close(reason) => return writer.close(reason).map(|()| Written::Close),
+    };
+    queued.counter(account).fetch_sub(len, Ordering::Relaxed);
+    encoded.map(|()| Written::Frame)
+}
+
+impl Pongs for Outbound {
+    /// A pong is shed, like presence, when the client is not reading what it is sent.
+    fn pong(&self, payload: bytes::Bytes) {
+        let len = payload.len();
+        let _ = self.push(len, FrameClass::Presence, |account| {
+            Outgoing::Pong(payload, account)
+        });
+    }
 }

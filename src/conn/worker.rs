@@ -9,8 +9,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::socket::{CloseCode, ProtocolError, Received};
 use actix::prelude::*;
-use actix_ws::{AggregatedMessage, CloseCode, ProtocolError};
 
 use super::guard::{FrameGuard, Inbound, Verdict, classify};
 use super::outbound::{Outbound, Pushed};
@@ -318,8 +318,8 @@ impl Handler<ToWorker> for WorkerConn {
     }
 }
 
-impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for WorkerConn {
-    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
+impl StreamHandler<Result<Received, ProtocolError>> for WorkerConn {
+    fn handle(&mut self, item: Result<Received, ProtocolError>, ctx: &mut Context<Self>) {
         match classify(item) {
             Inbound::Text(text) => self.on_text(&text, ctx),
             Inbound::Refuse(refusal) => self.refuse(None, &refusal, ctx),

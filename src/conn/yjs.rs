@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::socket::{CloseCode, ProtocolError, Received};
 use actix::prelude::*;
-use actix_ws::{AggregatedMessage, CloseCode, ProtocolError};
 use yrs::sync::{Message, SyncMessage};
 
 use super::outbound::{Outbound, Pushed};
@@ -200,21 +200,21 @@ impl Handler<DeliverBinary> for YjsConn {
     }
 }
 
-impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for YjsConn {
-    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
+impl StreamHandler<Result<Received, ProtocolError>> for YjsConn {
+    fn handle(&mut self, item: Result<Received, ProtocolError>, ctx: &mut Context<Self>) {
         self.last_heard = Instant::now();
         match item {
-            Ok(AggregatedMessage::Binary(frame)) => {
+            Ok(Received::Binary(frame)) => {
                 if frame.len() > self.node.limits.max_frame_bytes {
                     return self.close(CloseCode::Size, "frame too large", ctx);
                 }
                 self.on_frame(&frame, ctx);
             }
-            Ok(AggregatedMessage::Text(_)) => {
+            Ok(Received::Text(_)) => {
                 self.close(CloseCode::Unsupported, "y-websocket frames are binary", ctx)
             }
-            Ok(AggregatedMessage::Ping(_) | AggregatedMessage::Pong(_)) => {}
-            Ok(AggregatedMessage::Close(_)) => self.close(CloseCode::Normal, "bye", ctx),
+            Ok(Received::Ping(_) | Received::Pong(_)) => {}
+            Ok(Received::Close(_)) => self.close(CloseCode::Normal, "bye", ctx),
             Err(ProtocolError::Overflow) => self.close(CloseCode::Size, "frame too large", ctx),
             Err(err) => {
                 tracing::debug!(conn = %self.id, %err, "websocket protocol error");

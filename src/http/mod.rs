@@ -4,18 +4,17 @@
 mod councils;
 mod rest;
 mod tasks;
+pub mod upgrade;
 mod web_page;
 
 use std::sync::Arc;
 
-use actix::{Actor, AsyncContext};
-use actix_web::{HttpRequest, HttpResponse, get, web};
+use actix_web::{HttpResponse, get, web};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::conn::{ClientConn, Outbound, WorkerConn, YjsConn};
 use crate::node::Node;
-use crate::protocol::{DocName, Refusal, SessionId};
+use crate::protocol::Refusal;
 
 /// The OpenAPI document of the REST surface.
 #[derive(OpenApi)]
@@ -62,14 +61,6 @@ pub fn configure(node: Arc<Node>) -> impl FnOnce(&mut web::ServiceConfig) {
         cfg.app_data(web::Data::new(node))
             .app_data(json)
             .app_data(query)
-            // `GET /v1/workers` is both the worker socket and the REST listing: the upgrade
-            // header tells them apart, so the socket's route comes first.
-            .route(
-                "/v1/workers",
-                web::get()
-                    .guard(actix_web::guard::fn_guard(is_websocket_upgrade))
-                    .to(worker_socket),
-            )
             .service(rest::create_session)
             .service(rest::list_sessions)
             .service(rest::get_session)
@@ -87,8 +78,8 @@ pub fn configure(node: Arc<Node>) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(healthz)
             .service(readyz)
             .service(metrics)
-            .route("/v1/ws", web::get().to(user_socket))
-            .route("/v1/yjs/{session}/{doc}", web::get().to(yjs_socket))
+            .route("/v1/ws", web::to(websocket_expected))
+            .route("/v1/yjs/{session}/{doc}", web::to(websocket_expected))
             .service(web::redirect("/docs", "/docs/"));
         #[cfg(feature = "fault-injection")]
         cfg.route(
@@ -108,103 +99,13 @@ pub fn configure(node: Arc<Node>) -> impl FnOnce(&mut web::ServiceConfig) {
     }
 }
 
-/// Upgrades a request to a WebSocket: the response to return, the inbound message stream and
-/// the outbound queue. Connection actors consume the stream on this worker's arbiter, which is
-/// where actix-ws's `!Send` stream has to stay.
-fn upgrade(
-    req: &HttpRequest,
-    body: web::Payload,
-    node: &Node,
-) -> actix_web::Result<(HttpResponse, actix_ws::AggregatedMessageStream, Outbound)> {
-    let (response, session, stream) = actix_ws::handle(req, body)?;
-    let limits = &node.limits;
-    // The codec's hard cap sits above the protocol limit, so a frame a little too large is
-    // answered with `too_large` and the socket lives on; far larger ones end it.
-    let stream = stream
-        .max_frame_size(limits.max_frame_bytes.saturating_mul(4))
-        .aggregate_continuations()
-        .max_continuation_size(limits.max_frame_bytes.saturating_mul(4));
-    let outbound = Outbound::start(session, limits.outbound_queue_bytes);
-    Ok((response, stream, outbound))
-}
-
-/// The native protocol socket. Authentication happens in its `hello` frame.
-async fn user_socket(
-    req: HttpRequest,
-    body: web::Payload,
-    node: web::Data<Arc<Node>>,
-) -> actix_web::Result<HttpResponse> {
-    json_socket(&req, body, &node, ClientConn::new)
-}
-
-fn is_websocket_upgrade(ctx: &actix_web::guard::GuardContext<'_>) -> bool {
-    ctx.head()
-        .headers()
-        .get(actix_web::http::header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
-/// The worker-agent socket. Authentication happens in its `hello` frame.
-async fn worker_socket(
-    req: HttpRequest,
-    body: web::Payload,
-    node: web::Data<Arc<Node>>,
-) -> actix_web::Result<HttpResponse> {
-    json_socket(&req, body, &node, WorkerConn::new)
-}
-
-/// Upgrades to a JSON-protocol socket served by the connection actor `make` builds.
-fn json_socket<A>(
-    req: &HttpRequest,
-    body: web::Payload,
-    node: &Arc<Node>,
-    make: fn(Arc<Node>, Outbound) -> A,
-) -> actix_web::Result<HttpResponse>
-where
-    A: Actor<Context = actix::Context<A>>
-        + actix::StreamHandler<Result<actix_ws::AggregatedMessage, actix_ws::ProtocolError>>,
-{
-    let (response, stream, outbound) = upgrade(req, body, node)?;
-    let node = node.clone();
-    A::create(move |ctx| {
-        ctx.add_stream(stream);
-        make(node, outbound)
-    });
-    Ok(response)
-}
-
-#[derive(serde::Deserialize)]
-struct YjsQuery {
-    token: Option<String>,
-}
-
-/// The y-websocket socket for one document. The token comes in `?token=`, checked before the
-/// upgrade so a refused client gets a plain HTTP 401/403/400.
-async fn yjs_socket(
-    req: HttpRequest,
-    body: web::Payload,
-    path: web::Path<(String, String)>,
-    query: web::Query<YjsQuery>,
-    node: web::Data<Arc<Node>>,
-) -> actix_web::Result<HttpResponse> {
-    let (session, doc) = path.into_inner();
-    let session = SessionId::parse(&session)
-        .map_err(|e| rest::ApiError(Refusal::bad_request(e.to_string())))?;
-    let doc =
-        DocName::parse(&doc).map_err(|e| rest::ApiError(Refusal::bad_request(e.to_string())))?;
-    let principal = node
-        .auth
-        .authenticate(query.token.as_deref(), None)
-        .map_err(|failure| rest::ApiError(failure.refusal("yjs")))?;
-    principal.check_session(&session).map_err(rest::ApiError)?;
-    let (response, stream, outbound) = upgrade(&req, body, &node)?;
-    let node = node.get_ref().clone();
-    YjsConn::create(move |ctx| {
-        ctx.add_stream(stream);
-        YjsConn::new(node, outbound, principal, session, doc)
-    });
-    Ok(response)
+/// A request to a WebSocket endpoint that is not an upgrade (upgrades never reach the app; see
+/// [`upgrade`]).
+async fn websocket_expected() -> actix_web::Result<HttpResponse> {
+    Err(rest::ApiError(Refusal::bad_request(
+        "this is a WebSocket endpoint: open it with a GET and `Upgrade: websocket`",
+    ))
+    .into())
 }
 
 /// Makes a live session's actor panic, to test supervision. Only in `fault-injection` builds,
@@ -214,8 +115,8 @@ async fn inject_session_panic(
     path: web::Path<String>,
     node: web::Data<Arc<Node>>,
 ) -> actix_web::Result<HttpResponse> {
-    let id =
-        SessionId::parse(&path).map_err(|e| rest::ApiError(Refusal::bad_request(e.to_string())))?;
+    let id = crate::protocol::SessionId::parse(&path)
+        .map_err(|e| rest::ApiError(Refusal::bad_request(e.to_string())))?;
     let addr = node
         .registry
         .live(&id)

@@ -1,0 +1,331 @@
+//! A WebSocket on the bare TCP stream, once the HTTP upgrade has been answered.
+//!
+//! actix-http's HTTP/1 dispatcher keeps an 8 KiB read buffer and a write buffer that only grows,
+//! for as long as a connection lives: ~22 KiB of the ~24 KiB an idle socket used to cost. So the
+//! upgraded stream is taken out of actix-http (see `http::upgrade`) and split in two halves:
+//! [`Incoming`] decodes the client's frames for the connection actor, and [`FrameWriter`]
+//! encodes the server's. Both hold a buffer only while bytes move and give it back before they
+//! wait, so an idle socket costs its actor and a few small allocations.
+//!
+//! [`Incoming`] also aggregates fragmented messages up to a bound, answers pings (through the
+//! connection's outbound queue, see [`Pongs`]) and ends when the writer has stopped, so a
+//! socket the server gave up on or closed is never read on.
+
+use std::future::Future as _;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use actix_codec::{Decoder as _, Encoder as _};
+use actix_http::ws::{self, Codec, Frame, Item};
+pub use actix_http::ws::{CloseCode, CloseReason, ProtocolError};
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use futures_util::Stream;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::oneshot;
+
+/// How much room a read asks for. The buffer is dropped again whenever it is empty and the
+/// socket has nothing more to read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// RFC 6455 caps a control frame's payload at 125 bytes; a close frame's code takes two of them.
+const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// One complete message from the client.
+#[derive(Debug)]
+pub enum Received {
+    Text(ByteString),
+    Binary(Bytes),
+    /// Already answered with a pong.
+    Ping(Bytes),
+    Pong(Bytes),
+    Close(Option<CloseReason>),
+}
+
+/// Where [`Incoming`] sends the pong that answers a ping: the connection's outbound queue, so
+/// it goes out in order with everything else.
+pub trait Pongs: Unpin {
+    fn pong(&self, payload: Bytes);
+}
+
+/// The parts of an upgraded connection.
+pub struct Upgraded {
+    pub incoming: Incoming,
+    pub writer: FrameWriter,
+}
+
+/// Splits an upgraded stream. `leftover` is what the client sent after its upgrade request and
+/// the HTTP codec had already read; `max_message` bounds a frame and an aggregated message.
+pub fn split(io: TcpStream, leftover: BytesMut, max_message: usize) -> Upgraded {
+    let (read, write) = io.into_split();
+    let (stopped_tx, stopped_rx) = oneshot::channel();
+    Upgraded {
+        incoming: Incoming {
+            io: read,
+            buf: leftover,
+            codec: Codec::new().max_size(max_message),
+            fragments: None,
+            max_message,
+            pongs: None,
+            writer_stopped: stopped_rx,
+            done: false,
+        },
+        writer: FrameWriter {
+            io: write,
+            buf: BytesMut::new(),
+            codec: Codec::new(),
+            _stopped: stopped_tx,
+        },
+    }
+}
+
+/// The count of a node's open WebSockets. actix-server stops counting a connection once its
+/// upgrade is handed over, so the node bounds its sockets itself.
+#[derive(Default, Clone)]
+pub struct OpenSockets(Arc<AtomicUsize>);
+
+/// One open socket, counted until it is dropped.
+pub struct SocketPermit(Arc<AtomicUsize>);
+
+impl OpenSockets {
+    /// Counts one more socket, unless `max` are open already.
+    pub fn open(&self, max: usize) -> Option<SocketPermit> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| SocketPermit(self.0.clone()))
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for SocketPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A message arriving in fragments.
+struct Fragments {
+    text: bool,
+    payload: BytesMut,
+}
+
+/// The client's messages, read straight off the socket.
+pub struct Incoming {
+    io: OwnedReadHalf,
+    buf: BytesMut,
+    codec: Codec,
+    fragments: Option<Fragments>,
+    max_message: usize,
+    pongs: Option<Box<dyn Pongs>>,
+    /// Resolves (with an error) when the [`FrameWriter`] is dropped.
+    writer_stopped: oneshot::Receiver<()>,
+    /// Set after an error, a close frame or the end of the stream: nothing more is read.
+    done: bool,
+}
+
+impl Incoming {
+    /// Answers pings through `pongs`.
+    pub fn answer_pings(mut self, pongs: impl Pongs + 'static) -> Self {
+        self.pongs = Some(Box::new(pongs));
+        self
+    }
+
+    /// Turns a decoded frame into a message, or into nothing while a fragmented one is still
+    /// arriving.
+    fn assemble(&mut self, frame: Frame) -> Result<Option<Received>, ProtocolError> {
+        let message = match frame {
+            Frame::Text(payload) => Received::Text(utf8(payload)?),
+            Frame::Binary(payload) => Received::Binary(payload),
+            Frame::Ping(payload) => {
+                if let Some(pongs) = &self.pongs {
+                    pongs.pong(payload.clone());
+                }
+                Received::Ping(payload)
+            }
+            Frame::Pong(payload) => Received::Pong(payload),
+            Frame::Close(reason) => Received::Close(reason),
+            Frame::Continuation(item) => return self.continue_message(item),
+        };
+        Ok(Some(message))
+    }
+
+    fn continue_message(&mut self, item: Item) -> Result<Option<Received>, ProtocolError> {
+        let (text, part, last) = match item {
+            Item::FirstText(part) => (Some(true), part, false),
+            Item::FirstBinary(part) => (Some(false), part, false),
+            Item::Continue(part) => (None, part, false),
+            Item::Last(part) => (None, part, true),
+        };
+        let fragments = match (text, self.fragments.as_mut()) {
+            (Some(_), Some(_)) => return Err(ProtocolError::ContinuationStarted),
+            (None, None) => return Err(ProtocolError::ContinuationNotStarted),
+            (Some(text), None) => self.fragments.insert(Fragments {
+                text,
+                payload: BytesMut::new(),
+            }),
+            (None, Some(fragments)) => fragments,
+        };
+        if fragments.payload.len() + part.len() > self.max_message {
+            return Err(ProtocolError::Overflow);
+        }
+        fragments.payload.extend_from_slice(&part);
+        if !last {
+            return Ok(None);
+        }
+        let Some(Fragments { text, payload }) = self.fragments.take() else {
+            return Err(ProtocolError::ContinuationNotStarted);
+        };
+        let payload = payload.freeze();
+        Ok(Some(if text {
+            Received::Text(utf8(payload)?)
+        } else {
+            Received::Binary(payload)
+        }))
+    }
+
+    /// Ends the stream with `item`.
+    fn finish(
+        &mut self,
+        item: Option<Result<Received, ProtocolError>>,
+    ) -> Poll<Option<<Self as Stream>::Item>> {
+        self.done = true;
+        self.buf = BytesMut::new();
+        self.fragments = None;
+        Poll::Ready(item)
+    }
+}
+
+fn utf8(payload: Bytes) -> Result<ByteString, ProtocolError> {
+    ByteString::try_from(payload)
+        .map_err(|err| ProtocolError::Io(io::Error::new(io::ErrorKind::InvalidData, err)))
+}
+
+impl Stream for Incoming {
+    type Item = Result<Received, ProtocolError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.codec.decode(&mut this.buf) {
+                Ok(Some(frame)) => match this.assemble(frame) {
+                    Ok(Some(message @ Received::Close(_))) => {
+                        return this.finish(Some(Ok(message)));
+                    }
+                    Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+                    Ok(None) => continue,
+                    Err(err) => return this.finish(Some(Err(err))),
+                },
+                Ok(None) => {}
+                Err(err) => return this.finish(Some(Err(err))),
+            }
+            if Pin::new(&mut this.writer_stopped).poll(cx).is_ready() {
+                return this.finish(None);
+            }
+            match this.io.as_ref().poll_read_ready(cx) {
+                Poll::Pending => {
+                    if this.buf.is_empty() {
+                        // Idle: hand the buffer back rather than hold it until the next frame.
+                        this.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(err)) => return this.finish(Some(Err(ProtocolError::Io(err)))),
+                Poll::Ready(Ok(())) => {}
+            }
+            this.buf.reserve(READ_CHUNK);
+            match this.io.as_ref().try_read_buf(&mut this.buf) {
+                Ok(0) => return this.finish(None),
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return this.finish(Some(Err(ProtocolError::Io(err)))),
+            }
+        }
+    }
+}
+
+/// The server's half: frames are encoded into a buffer and written in batches by
+/// [`FrameWriter::flush`].
+pub struct FrameWriter {
+    io: OwnedWriteHalf,
+    buf: BytesMut,
+    codec: Codec,
+    /// Dropped with the writer, which ends [`Incoming`].
+    _stopped: oneshot::Sender<()>,
+}
+
+impl FrameWriter {
+    pub fn text(&mut self, frame: ByteString) -> io::Result<()> {
+        self.encode(ws::Message::Text(frame))
+    }
+
+    pub fn binary(&mut self, frame: Bytes) -> io::Result<()> {
+        self.encode(ws::Message::Binary(frame))
+    }
+
+    pub fn ping(&mut self) -> io::Result<()> {
+        self.encode(ws::Message::Ping(Bytes::new()))
+    }
+
+    /// Echoes a ping's payload, cut to what a control frame may carry.
+    pub fn pong(&mut self, mut payload: Bytes) -> io::Result<()> {
+        payload.truncate(MAX_CONTROL_PAYLOAD);
+        self.encode(ws::Message::Pong(payload))
+    }
+
+    /// Encodes a close frame; its reason is cut at a character boundary to fit a control frame.
+    pub fn close(&mut self, mut reason: CloseReason) -> io::Result<()> {
+        if let Some(description) = reason.description.as_mut() {
+            let mut end = description.len().min(MAX_CONTROL_PAYLOAD - 2);
+            while !description.is_char_boundary(end) {
+                end -= 1;
+            }
+            description.truncate(end);
+        }
+        self.encode(ws::Message::Close(Some(reason)))
+    }
+
+    /// Bytes encoded and not yet written.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes everything encoded. With `release`, the buffer is freed afterwards: the caller
+    /// knows nothing else is about to be sent.
+    pub async fn flush(&mut self, release: bool) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.io.write_all(&self.buf).await?;
+        }
+        if release {
+            self.buf = BytesMut::new();
+        } else {
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Ends the server's side of the connection after a close frame.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.flush(true).await?;
+        self.io.shutdown().await
+    }
+
+    fn encode(&mut self, message: ws::Message) -> io::Result<()> {
+        self.codec
+            .encode(message, &mut self.buf)
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err.to_string()))
+    }
+}
