@@ -134,7 +134,10 @@ pub async fn start_with_store(
         sockets: crate::node::OpenSockets::default(),
     });
 
-    actix::spawn(crate::memory::trim_after_passivation(node.registry.clone()));
+    actix::spawn(crate::memory::trim_after_churn(
+        node.registry.clone(),
+        node.sockets.clone(),
+    ));
     let listener = listen(config.bind).map_err(|source| ServerError::Bind {
         addr: config.bind,
         source,
