@@ -138,10 +138,11 @@ pub async fn start_with_store(
         node.registry.clone(),
         node.sockets.clone(),
     ));
-    let listener = listen(config.bind).map_err(|source| ServerError::Bind {
+    let bind_error = |source| ServerError::Bind {
         addr: config.bind,
         source,
-    })?;
+    };
+    let listener = listen(config.bind).map_err(bind_error)?;
     let addr = listener.local_addr().unwrap_or(config.bind);
     let app_node = node.clone();
     // actix-web's `HttpServer` cannot hand upgrades to a service of their own, so the HTTP
@@ -165,10 +166,7 @@ pub async fn start_with_store(
                 .finish(map_config(app, |()| AppConfig::default()))
                 .tcp()
         })
-        .map_err(|source| ServerError::Bind {
-            addr: config.bind,
-            source,
-        })?;
+        .map_err(bind_error)?;
     let server = server.run();
     let http = server.handle();
     actix::spawn(async move {

@@ -46,20 +46,24 @@ fn json_of(message: &Message) -> Value {
     }
 }
 
+/// Sends one fragment of a text message: the first opens it, the last ends it.
+async fn send_fragment(
+    socket: &mut Raw,
+    piece: &[u8],
+    first: bool,
+    last: bool,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    let opcode = if first { Data::Text } else { Data::Continue };
+    let frame = Frame::message(piece.to_vec(), OpCode::Data(opcode), last);
+    socket.send(Message::Frame(frame)).await
+}
+
 /// Sends `text` as a fragmented text message of `pieces` frames.
 async fn send_fragmented(socket: &mut Raw, text: &str, pieces: usize) {
     let bytes = text.as_bytes();
-    let size = bytes.len().div_ceil(pieces);
-    let chunks: Vec<&[u8]> = bytes.chunks(size).collect();
+    let chunks: Vec<&[u8]> = bytes.chunks(bytes.len().div_ceil(pieces)).collect();
     for (i, chunk) in chunks.iter().enumerate() {
-        let opcode = if i == 0 { Data::Text } else { Data::Continue };
-        let last = i + 1 == chunks.len();
-        socket
-            .send(Message::Frame(Frame::message(
-                chunk.to_vec(),
-                OpCode::Data(opcode),
-                last,
-            )))
+        send_fragment(socket, chunk, i == 0, i + 1 == chunks.len())
             .await
             .expect("sending a fragment");
     }
@@ -99,24 +103,14 @@ async fn a_fragmented_message_is_reassembled() {
     // A control frame may arrive between the fragments of a message.
     let ping = json!({"type": "ping"}).to_string();
     let (first, rest) = ping.split_at(5);
-    socket
-        .send(Message::Frame(Frame::message(
-            first.as_bytes().to_vec(),
-            OpCode::Data(Data::Text),
-            false,
-        )))
+    send_fragment(&mut socket, first.as_bytes(), true, false)
         .await
         .expect("first fragment");
     socket
         .send(Message::Ping(b"between".to_vec().into()))
         .await
         .expect("ping between fragments");
-    socket
-        .send(Message::Frame(Frame::message(
-            rest.as_bytes().to_vec(),
-            OpCode::Data(Data::Continue),
-            true,
-        )))
+    send_fragment(&mut socket, rest.as_bytes(), false, true)
         .await
         .expect("last fragment");
     let pong = json_of(&next_message(&mut socket, |m| m.is_text()).await);
@@ -132,9 +126,10 @@ async fn a_fragmented_message_past_the_hard_cap_closes_with_1009() {
     // Eight fragments of 1 KiB: each frame is small, the message twice the hard cap (4 KiB).
     let piece = "x".repeat(MAX_FRAME);
     for i in 0..8 {
-        let opcode = if i == 0 { Data::Text } else { Data::Continue };
-        let fragment = Frame::message(piece.clone().into_bytes(), OpCode::Data(opcode), i == 7);
-        if socket.send(Message::Frame(fragment)).await.is_err() {
+        if send_fragment(&mut socket, piece.as_bytes(), i == 0, i == 7)
+            .await
+            .is_err()
+        {
             break;
         }
     }

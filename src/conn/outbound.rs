@@ -84,8 +84,8 @@ const GATHER_BYTES: usize = 64 * 1024;
 impl Outbound {
     /// A queue of at most `limit` live bytes, and the writer that drains it into `writer`. The
     /// writer runs until the connection ends (every `Outbound` dropped, a close frame flushed,
-    /// or a write failed or stalled); whoever serves the connection awaits it, so the socket's
-    /// lifetime is the writer's.
+    /// or a write failed or stalled); whoever serves the connection spawns it, and the socket
+    /// is closed when it ends.
     pub fn open(writer: FrameWriter, limit: usize) -> (Self, impl Future<Output = ()>) {
         // futures' channel rather than tokio's: tokio's allocates a block of 32 slots up front,
         // more than an idle socket costs in all.
@@ -174,11 +174,10 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     queued: Arc<Queued>,
 ) {
-    let mut next = rx.recv().await.ok();
-    while let Some(first) = next.take() {
-        let mut item = Some(first);
-        while let Some(queued_item) = item.take() {
-            match encode(&mut writer, queued_item, &queued) {
+    while let Ok(mut item) = rx.recv().await {
+        // Gather what is queued, up to GATHER_BYTES, into one write.
+        let drained = loop {
+            match encode(&mut writer, item, &queued) {
                 Ok(Written::Frame) => {}
                 Ok(Written::Close) => {
                     let _ = tokio::time::timeout(WRITE_STALL, writer.shutdown()).await;
@@ -189,19 +188,18 @@ async fn write_loop(
                     return;
                 }
             }
-            if writer.buffered() < GATHER_BYTES {
-                item = rx.try_recv().ok();
+            if writer.buffered() >= GATHER_BYTES {
+                break false;
             }
-        }
-        next = rx.try_recv().ok();
+            match rx.try_recv() {
+                Ok(next) => item = next,
+                Err(_) => break true,
+            }
+        };
         // With nothing else queued the socket may go quiet for long: free the buffer.
-        let idle = next.is_none();
-        match tokio::time::timeout(WRITE_STALL, writer.flush(idle)).await {
+        match tokio::time::timeout(WRITE_STALL, writer.flush(drained)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) | Err(_) => return,
-        }
-        if next.is_none() {
-            next = rx.recv().await.ok();
         }
     }
 }
@@ -213,48 +211,36 @@ enum Written {
     Close,
 }
 
+impl Outgoing {
+    /// The bytes this item holds against its account, if it is charged to one.
+    fn charge(&self) -> Option<(usize, Account)> {
+        match self {
+            Self::Text(frame, account) => Some((frame.len(), *account)),
+            Self::Binary(frame, account) | Self::Pong(frame, account) => {
+                Some((frame.len(), *account))
+            }
+            Self::Ping | Self::Close(_) => None,
+        }
+    }
+}
+
 /// Encodes one queued item, releasing its bytes from the queue's count. After a slow consumer
-/// is dropped, data frames are skipped.
+/// is dropped, charged frames are skipped; pings and the close frame still go out.
 fn encode(writer: &mut FrameWriter, item: Outgoing, queued: &Queued) -> std::io::Result<Written> {
-    let discard = queued.discard.load(Ordering::Relaxed);
-    let (len, account, encoded) = match item {
-        Outgoing::Text(frame, account) => {
-            let len = frame.len();
-            (
-                len,
-                account,
-                if discard { Ok(()) } else { writer.text(frame) },
-            )
+    if let Some((len, account)) = item.charge() {
+        queued.counter(account).fetch_sub(len, Ordering::Relaxed);
+        if queued.discard.load(Ordering::Relaxed) {
+            return Ok(Written::Frame);
         }
-        Outgoing::Binary(frame, account) => {
-            let len = frame.len();
-            (
-                len,
-                account,
-                if discard {
-                    Ok(())
-                } else {
-                    writer.binary(frame)
-                },
-            )
-        }
-        Outgoing::Pong(payload, account) => {
-            let len = payload.len();
-            (
-                len,
-                account,
-                if discard {
-                    Ok(())
-                } else {
-                    writer.pong(payload)
-                },
-            )
-        }
-        Outgoing::Ping => return writer.ping().map(|()| Written::Frame),
+    }
+    match item {
+        Outgoing::Text(frame, _) => writer.text(frame),
+        Outgoing::Binary(frame, _) => writer.binary(frame),
+        Outgoing::Pong(payload, _) => writer.pong(payload),
+        Outgoing::Ping => writer.ping(),
         Outgoing::Close(reason) => return writer.close(reason).map(|()| Written::Close),
-    };
-    queued.counter(account).fetch_sub(len, Ordering::Relaxed);
-    encoded.map(|()| Written::Frame)
+    }
+    .map(|()| Written::Frame)
 }
 
 impl Pongs for Outbound {

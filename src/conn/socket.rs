@@ -339,3 +339,81 @@ impl FrameWriter {
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connected pair: the server's upgraded halves and the client's raw stream.
+    async fn pair() -> (Upgraded, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (split(server, BytesMut::new(), 1 << 16), client)
+    }
+
+    /// A masked client frame, as a browser sends it.
+    fn client_frame(message: ws::Message) -> BytesMut {
+        let mut frame = BytesMut::new();
+        Codec::new()
+            .client_mode()
+            .encode(message, &mut frame)
+            .expect("encode");
+        frame
+    }
+
+    #[tokio::test]
+    async fn an_idle_socket_holds_no_buffer_on_either_side() {
+        let (
+            Upgraded {
+                mut incoming,
+                mut writer,
+            },
+            mut client,
+        ) = pair().await;
+        let hello = client_frame(ws::Message::Text("hello".into()));
+        client.write_all(&hello).await.expect("client write");
+        match incoming.next().await {
+            Some(Ok(Received::Text(text))) => assert_eq!(&*text, "hello"),
+            other => panic!("expected the text frame, got {other:?}"),
+        }
+        // Nothing more to read: the next poll waits, and gives the read buffer back first.
+        let waiting = futures_util::poll!(incoming.next());
+        assert!(waiting.is_pending(), "{waiting:?}");
+        assert_eq!(
+            incoming.buf.capacity(),
+            0,
+            "the read buffer outlived the frame"
+        );
+
+        writer.text("welcome".into()).expect("encode");
+        assert!(writer.buffered() > 0);
+        writer.flush(false).await.expect("flush");
+        assert!(writer.buf.capacity() > 0, "kept for a write that follows");
+        writer.text("more".into()).expect("encode");
+        writer.flush(true).await.expect("flush");
+        assert_eq!(
+            writer.buf.capacity(),
+            0,
+            "the write buffer outlived the write"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_reader_ends_when_the_writer_stops() {
+        let (
+            Upgraded {
+                mut incoming,
+                writer,
+            },
+            _client,
+        ) = pair().await;
+        drop(writer);
+        assert!(incoming.next().await.is_none());
+    }
+}

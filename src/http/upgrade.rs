@@ -58,10 +58,7 @@ pub async fn serve(
 ) -> Result<(), actix_http::Error> {
     let endpoint = match endpoint(&node, &req) {
         Ok(endpoint) => endpoint,
-        Err(refusal) => {
-            respond(&mut connection, ApiError(refusal).error_response().into()).await;
-            return Ok(());
-        }
+        Err(refusal) => return refuse(&mut connection, refusal).await,
     };
     let Some(permit) = node.sockets.open(node.limits.max_sockets) else {
         let refusal = Refusal::new(
@@ -71,18 +68,17 @@ pub async fn serve(
                 node.limits.max_sockets
             ),
         );
-        respond(&mut connection, ApiError(refusal).error_response().into()).await;
-        return Ok(());
+        return refuse(&mut connection, refusal).await;
     };
-    let handshake = match ws::handshake(req.head()) {
-        Ok(mut handshake) => handshake.message_body(()),
-        Err(err) => {
-            respond(&mut connection, err.into()).await;
+    let handshake = ws::handshake(req.head())
+        .map_err(Response::from)
+        .and_then(|mut handshake| handshake.message_body(()).map_err(Response::from));
+    let handshake = match handshake {
+        Ok(handshake) => handshake,
+        Err(response) => {
+            respond(&mut connection, response).await;
             return Ok(());
         }
-    };
-    let Ok(handshake) = handshake else {
-        return Ok(());
     };
     if let Err(err) = connection
         .send(h1::Message::Item((handshake, BodySize::None)))
@@ -181,6 +177,15 @@ fn decode(segment: &str) -> Result<String, Refusal> {
         .decode_utf8()
         .map(|decoded| decoded.into_owned())
         .map_err(|_| Refusal::bad_request("a path segment is not UTF-8"))
+}
+
+/// Answers the request with the REST API's error for `refusal`.
+async fn refuse(
+    connection: &mut HttpConnection,
+    refusal: Refusal,
+) -> Result<(), actix_http::Error> {
+    respond(connection, ApiError(refusal).error_response().into()).await;
+    Ok(())
 }
 
 /// Answers the request with a plain HTTP response and lets the connection close.
