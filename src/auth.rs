@@ -5,6 +5,7 @@
 //! before each action. Failures never echo the token; they are counted by door and reason.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -55,7 +56,8 @@ impl Scope {
 /// An authenticated client.
 #[derive(Debug, Clone)]
 pub struct Principal {
-    pub user: UserInfo,
+    /// Shared with the sessions the connection joins, so an idle member holds one copy.
+    pub user: Arc<UserInfo>,
     pub scope: Scope,
     /// When the token stops being valid; `None` for anonymous users.
     pub expires_at: Option<DateTime<Utc>>,
@@ -186,11 +188,11 @@ impl Authenticator {
                     .ok()
                     .and_then(|exp| Utc.timestamp_opt(exp, 0).single());
                 Ok(Principal {
-                    user: UserInfo {
+                    user: Arc::new(UserInfo {
                         id: claims.sub,
                         name: display_name(claims.name.as_deref().or(name)),
                         role: claims.role,
-                    },
+                    }),
                     scope: claims.sessions.map_or(Scope::All, Scope::Only),
                     expires_at,
                     anonymous: false,
@@ -200,11 +202,11 @@ impl Authenticator {
             (None, _) if !self.anonymous => Err(AuthFailure::Missing),
             // Anonymous: a token presented to a server with no keys grants nothing more.
             _ => Ok(Principal {
-                user: UserInfo {
+                user: Arc::new(UserInfo {
                     id: uuid::Uuid::now_v7().to_string(),
                     name: display_name(name),
                     role: Role::Editor,
-                },
+                }),
                 scope: Scope::All,
                 expires_at: None,
                 anonymous: true,

@@ -210,3 +210,83 @@ async fn requests_that_are_not_websocket_upgrades_get_plain_errors() {
     let mut client = WsClient::connect_hello(&server.ws_url(), "after").await;
     client.ping_pong().await;
 }
+
+/// Opens a WebSocket on `path` by hand and then reads nothing, so that no ping is answered;
+/// returns the frames the server sent (opcode and payload) until it closed the connection.
+async fn frames_to_a_silent_client(addr: std::net::SocketAddr, path: &str) -> Vec<(u8, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes())
+        .await
+        .expect("upgrade request");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut bytes = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut bytes))
+        .await
+        .expect("the server did not end a silent connection")
+        .expect("read");
+    let head = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response");
+    assert!(
+        bytes.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&bytes[..head])
+    );
+    // Server frames are unmasked, and these are short: one byte of opcode, one of length.
+    let mut frames = Vec::new();
+    let mut rest = &bytes[head + 4..];
+    while let [first, len, tail @ ..] = rest {
+        let len = usize::from(*len);
+        assert!(
+            len < 126 && tail.len() >= len,
+            "an unexpected frame: {rest:?}"
+        );
+        frames.push((first & 0x0f, tail[..len].to_vec()));
+        rest = &tail[len..];
+    }
+    frames
+}
+
+/// The node pings every socket (a third of the socket timeout) and closes one that has been
+/// silent for the whole timeout, with 1001; a client that answers its pings stays connected.
+#[tokio::test]
+async fn quiet_sockets_are_pinged_and_silent_ones_are_closed() {
+    let server = TestServer::sqlite_with(|config| config.limits.socket_timeout_s = 3);
+    for path in ["/v1/ws", "/v1/yjs/keepalive/main"] {
+        let url = format!("ws://{}{path}", server.addr);
+        let silent = tokio::spawn(frames_to_a_silent_client(server.addr, path));
+        // Read on, so that tungstenite answers each ping: the socket outlives the timeout.
+        let mut answering = raw(&url).await;
+        let mut pings = 0;
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(read) = tokio::time::timeout_at(until, answering.next()).await {
+            match read {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                Some(Ok(Message::Close(close))) => {
+                    panic!("{url}: an answering socket was closed: {close:?}")
+                }
+                Some(Ok(_)) => {}
+                other => panic!("{url}: the answering socket ended: {other:?}"),
+            }
+        }
+        assert!(pings >= 3, "{url}: {pings} pings in 5 s at one a second");
+
+        let frames = silent.await.expect("the silent client");
+        let pinged = frames.iter().filter(|(opcode, _)| *opcode == 0x9).count();
+        assert!(pinged >= 2, "{url}: {frames:?}");
+        let Some((0x8, close)) = frames.last() else {
+            panic!("{url}: the last frame is not a close: {frames:?}");
+        };
+        assert_eq!(close[..2], 1001u16.to_be_bytes(), "{url}: {close:?}");
+        assert!(
+            String::from_utf8_lossy(&close[2..]).contains("socket timeout"),
+            "{url}: {close:?}"
+        );
+    }
+}

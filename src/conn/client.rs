@@ -5,15 +5,16 @@
 //! into typed commands here, at the edge; sessions only ever see valid requests. A malformed
 //! frame gets an `error` and the socket stays open.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::socket::{CloseCode, ProtocolError, Received};
+use actix::WeakAddr;
 use actix::prelude::*;
 use bytestring::ByteString;
 
 use super::guard::{FrameGuard, Inbound, Verdict, classify};
+use super::keepalive::{self, Beat};
 use super::outbound::{Outbound, Pushed};
 use crate::auth::Principal;
 use crate::node::Node;
@@ -34,6 +35,45 @@ enum Answer {
     Council(crate::protocol::CouncilId),
 }
 
+/// The sessions a connection joined, with the actor serving each when it joined. A list, not a
+/// map: most connections join one session, and a map's smallest table costs an idle socket
+/// several times one entry (`max_sessions_per_conn` bounds the scans). Weak addresses: a
+/// strong one allocates its own sender state, and the registry's address is preferred anyway.
+#[derive(Default)]
+struct JoinedSessions(Vec<(SessionId, WeakAddr<SessionActor>)>);
+
+impl JoinedSessions {
+    fn get(&self, session: &SessionId) -> Option<&WeakAddr<SessionActor>> {
+        self.0
+            .iter()
+            .find(|(s, _)| s == session)
+            .map(|(_, addr)| addr)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn insert(&mut self, session: SessionId, addr: WeakAddr<SessionActor>) {
+        match self.0.iter_mut().find(|(s, _)| *s == session) {
+            Some((_, known)) => *known = addr,
+            None => {
+                // Grown one at a time: a Vec's first growth makes room for four.
+                self.0.reserve_exact(1);
+                self.0.push((session, addr));
+            }
+        }
+    }
+
+    fn remove(&mut self, session: &SessionId) {
+        self.0.retain(|(s, _)| s != session);
+    }
+
+    fn sessions(&self) -> impl Iterator<Item = &SessionId> {
+        self.0.iter().map(|(s, _)| s)
+    }
+}
+
 /// The actor behind one user socket.
 pub struct ClientConn {
     id: ConnId,
@@ -42,7 +82,7 @@ pub struct ClientConn {
     /// Who the client is, once it has said `hello`.
     principal: Option<Principal>,
     /// Sessions joined, or being joined, with the actor that serves each.
-    joined: HashMap<SessionId, Addr<SessionActor>>,
+    joined: JoinedSessions,
     last_heard: Instant,
     guard: FrameGuard,
     unanswered: Arc<Unanswered>,
@@ -64,7 +104,7 @@ impl ClientConn {
             node,
             outbound,
             principal: None,
-            joined: HashMap::new(),
+            joined: JoinedSessions::default(),
             last_heard: Instant::now(),
         }
     }
@@ -133,7 +173,7 @@ impl ClientConn {
                 epoch,
             } => self.join(principal, session, since, epoch, reference, ctx),
             Command::Leave { session } => match self.route(&session) {
-                Some(addr) => {
+                Ok(addr) => {
                     self.joined.remove(&session);
                     let msg = Leave {
                         conn: self.id.clone(),
@@ -141,7 +181,7 @@ impl ClientConn {
                     };
                     self.forward(addr, msg, reference, ctx);
                 }
-                None => self.refuse(reference.as_deref(), &not_joined(&session), ctx),
+                Err(refusal) => self.refuse(reference.as_deref(), &refusal, ctx),
             },
             Command::Chat { session, text } => {
                 let addr = match self.write_route(&principal, &session) {
@@ -217,8 +257,9 @@ impl ClientConn {
                 self.answer(cast, reference, ctx);
             }
             Command::Presence { session, state } => {
-                let Some(addr) = self.route(&session) else {
-                    return self.refuse(reference.as_deref(), &not_joined(&session), ctx);
+                let addr = match self.route(&session) {
+                    Ok(addr) => addr,
+                    Err(refusal) => return self.refuse(reference.as_deref(), &refusal, ctx),
                 };
                 let state = match serde_json::value::to_raw_value(&state) {
                     Ok(state) => state,
@@ -314,7 +355,7 @@ impl ClientConn {
             return self.refuse(reference.as_deref(), &refusal, ctx);
         }
         let max = self.node.limits.max_sessions_per_conn;
-        if !self.joined.contains_key(&session) && self.joined.len() >= max {
+        if self.joined.get(&session).is_none() && self.joined.len() >= max {
             let refusal = Refusal::new(
                 ErrorCode::TooLarge,
                 format!("a connection may join at most {max} sessions; leave one first"),
@@ -364,7 +405,7 @@ impl ClientConn {
         };
         // Recorded before the session answers, so that a chat sent right after `joined` always
         // finds its route; a refused join removes it again.
-        self.joined.insert(session.clone(), addr.clone());
+        self.joined.insert(session.clone(), addr.downgrade());
         let msg = Join {
             conn: self.id.clone(),
             user: principal.user,
@@ -411,14 +452,16 @@ impl ClientConn {
     /// The actor serving a joined session. The registry's current one wins over the address
     /// remembered at join time: after a crash the supervisor restarts the session under a new
     /// address, and the connection follows it without rejoining.
-    fn route(&self, session: &SessionId) -> Option<Addr<SessionActor>> {
-        let remembered = self.joined.get(session)?;
-        Some(
-            self.node
-                .registry
-                .live(session)
-                .unwrap_or_else(|| remembered.clone()),
-        )
+    fn route(&self, session: &SessionId) -> Result<Addr<SessionActor>, Refusal> {
+        let remembered = self
+            .joined
+            .get(session)
+            .ok_or_else(|| not_joined(session))?;
+        self.node
+            .registry
+            .live(session)
+            .or_else(|| remembered.upgrade())
+            .ok_or_else(Refusal::session_unavailable)
     }
 
     /// The session actor for a write: the caller's role must allow writing, and the session
@@ -429,7 +472,7 @@ impl ClientConn {
         session: &SessionId,
     ) -> Result<Addr<SessionActor>, Refusal> {
         principal.check_write()?;
-        self.route(session).ok_or_else(|| not_joined(session))
+        self.route(session)
     }
 
     fn reply(&self, reference: Option<String>, ctx: &mut Context<Self>) -> Reply {
@@ -446,18 +489,6 @@ impl ClientConn {
             outbox: ctx.address().recipient(),
             reference,
             pending,
-        }
-    }
-
-    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
-        let timeout = Duration::from_secs(self.node.limits.socket_timeout_s);
-        if self.last_heard.elapsed() > timeout {
-            tracing::debug!(conn = %self.id, "socket timed out");
-            self.outbound
-                .close(CloseCode::Away, "no traffic within the socket timeout");
-            ctx.stop();
-        } else {
-            self.outbound.ping();
         }
     }
 }
@@ -478,18 +509,31 @@ impl Actor for ClientConn {
             }
         });
         let ping_every = Duration::from_secs((self.node.limits.socket_timeout_s / 3).max(1));
-        ctx.run_interval(ping_every, |act, ctx| act.heartbeat(ctx));
+        keepalive::watch(ctx.address().downgrade().recipient(), ping_every);
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         telemetry::connection_closed("user");
-        for session in self.joined.keys() {
-            let Some(addr) = self.route(session) else {
+        for session in self.joined.sessions() {
+            let Ok(addr) = self.route(session) else {
                 continue;
             };
             addr.do_send(Disconnect {
                 conn: self.id.clone(),
             });
+        }
+    }
+}
+
+impl Handler<Beat> for ClientConn {
+    type Result = ();
+
+    fn handle(&mut self, _: Beat, ctx: &mut Context<Self>) {
+        let timeout = Duration::from_secs(self.node.limits.socket_timeout_s);
+        if !keepalive::ping_if_alive(&self.outbound, self.last_heard, timeout) {
+            tracing::debug!(conn = %self.id, "socket timed out");
+            self.outbound.close(CloseCode::Away, keepalive::SILENT);
+            ctx.stop();
         }
     }
 }

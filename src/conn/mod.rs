@@ -3,6 +3,7 @@
 
 mod client;
 mod guard;
+mod keepalive;
 mod outbound;
 mod rate;
 pub mod socket;

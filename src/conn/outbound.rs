@@ -180,7 +180,7 @@ async fn write_loop(
             match encode(&mut writer, item, &queued) {
                 Ok(Written::Frame) => {}
                 Ok(Written::Close) => {
-                    let _ = tokio::time::timeout(WRITE_STALL, writer.shutdown()).await;
+                    let _ = Box::pin(writer.shutdown(WRITE_STALL)).await;
                     return;
                 }
                 Err(err) => {
@@ -196,10 +196,16 @@ async fn write_loop(
                 Err(_) => break true,
             }
         };
-        // With nothing else queued the socket may go quiet for long: free the buffer.
-        match tokio::time::timeout(WRITE_STALL, writer.flush(drained)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => return,
+        // With nothing else queued the socket may go quiet for long: free the buffer. A write
+        // that must wait is boxed, so that its timer is held only while the client is behind,
+        // not in every idle socket's writer.
+        let flushed = match writer.write_now(drained) {
+            Ok(true) => Ok(()),
+            Ok(false) => Box::pin(writer.flush(drained, WRITE_STALL)).await,
+            Err(err) => Err(err),
+        };
+        if flushed.is_err() {
+            return;
         }
     }
 }

@@ -17,11 +17,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use actix_codec::{Decoder as _, Encoder as _};
 use actix_http::ws::{self, Codec, Frame, Item};
 pub use actix_http::ws::{CloseCode, CloseReason, ProtocolError};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf as _, Bytes, BytesMut};
 use bytestring::ByteString;
 use futures_util::Stream;
 use tokio::io::AsyncWriteExt as _;
@@ -313,24 +314,46 @@ impl FrameWriter {
         self.buf.len()
     }
 
-    /// Writes everything encoded. With `release`, the buffer is freed afterwards: the caller
-    /// knows nothing else is about to be sent.
-    pub async fn flush(&mut self, release: bool) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.io.write_all(&self.buf).await?;
+    /// Writes what the socket takes without waiting, which is all of it unless the client is
+    /// behind. Returns whether everything went out; then, with `release`, the buffer is freed
+    /// (the caller knows nothing else is about to be sent).
+    pub fn write_now(&mut self, release: bool) -> io::Result<bool> {
+        while !self.buf.is_empty() {
+            match self.io.try_write(&self.buf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.buf.advance(n),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
         }
         if release {
             self.buf = BytesMut::new();
-        } else {
-            self.buf.clear();
+        }
+        Ok(true)
+    }
+
+    /// Writes everything encoded, giving up with `TimedOut` if the client reads nothing for
+    /// `stall`; `release` as for [`FrameWriter::write_now`].
+    pub async fn flush(&mut self, release: bool, stall: Duration) -> io::Result<()> {
+        if self.write_now(release)? {
+            return Ok(());
+        }
+        tokio::time::timeout(stall, self.io.write_all_buf(&mut self.buf))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        if release {
+            self.buf = BytesMut::new();
         }
         Ok(())
     }
 
-    /// Ends the server's side of the connection after a close frame.
-    pub async fn shutdown(&mut self) -> io::Result<()> {
-        self.flush(true).await?;
-        self.io.shutdown().await
+    /// Ends the server's side of the connection after a close frame, within `stall`.
+    pub async fn shutdown(&mut self, stall: Duration) -> io::Result<()> {
+        self.flush(true, stall).await?;
+        tokio::time::timeout(stall, self.io.shutdown())
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
     }
 
     fn encode(&mut self, message: ws::Message) -> io::Result<()> {
@@ -347,6 +370,8 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    const STALL: Duration = Duration::from_secs(5);
 
     /// A connected pair: the server's upgraded halves and the client's raw stream.
     async fn pair() -> (Upgraded, TcpStream) {
@@ -393,10 +418,10 @@ mod tests {
 
         writer.text("welcome".into()).expect("encode");
         assert!(writer.buffered() > 0);
-        writer.flush(false).await.expect("flush");
+        writer.flush(false, STALL).await.expect("flush");
         assert!(writer.buf.capacity() > 0, "kept for a write that follows");
         writer.text("more".into()).expect("encode");
-        writer.flush(true).await.expect("flush");
+        writer.flush(true, STALL).await.expect("flush");
         assert_eq!(
             writer.buf.capacity(),
             0,

@@ -11,6 +11,7 @@ use super::socket::{CloseCode, ProtocolError, Received};
 use actix::prelude::*;
 use yrs::sync::{Message, SyncMessage};
 
+use super::keepalive::{self, Beat};
 use super::outbound::{Outbound, Pushed};
 use crate::auth::Principal;
 use crate::node::Node;
@@ -158,15 +159,9 @@ impl Actor for YjsConn {
             });
         }
         let timeout = Duration::from_secs(self.node.limits.socket_timeout_s);
-        ctx.run_interval(
+        keepalive::watch(
+            ctx.address().downgrade().recipient(),
             (timeout / 3).max(Duration::from_secs(1)),
-            move |act, ctx| {
-                if act.last_heard.elapsed() > timeout {
-                    act.close(CloseCode::Away, "no traffic within the socket timeout", ctx);
-                } else {
-                    act.outbound.ping();
-                }
-            },
         );
     }
 
@@ -176,6 +171,17 @@ impl Actor for YjsConn {
             addr.do_send(Disconnect {
                 conn: self.id.clone(),
             });
+        }
+    }
+}
+
+impl Handler<Beat> for YjsConn {
+    type Result = ();
+
+    fn handle(&mut self, _: Beat, ctx: &mut Context<Self>) {
+        let timeout = Duration::from_secs(self.node.limits.socket_timeout_s);
+        if !keepalive::ping_if_alive(&self.outbound, self.last_heard, timeout) {
+            self.close(CloseCode::Away, keepalive::SILENT, ctx);
         }
     }
 }

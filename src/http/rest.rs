@@ -344,7 +344,7 @@ pub async fn post_message(
     caller.check_session(&id)?;
     caller.check_write()?;
     let body = body.into_inner();
-    let mut user = caller.user;
+    let mut user = crate::protocol::UserInfo::clone(&caller.user);
     if caller.anonymous
         && let Some(name) = body
             .name

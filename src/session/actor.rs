@@ -76,7 +76,8 @@ struct PendingDocChange {
 
 /// One subscribed connection.
 struct Subscriber {
-    user: UserInfo,
+    /// Shared with the user's [`Member`] entry: an idle member costs one copy of it.
+    user: Arc<UserInfo>,
     outbox: Recipient<Deliver>,
     /// While a replay from the store is in flight, live frames wait here so that the client
     /// still sees every event once and in order.
@@ -94,7 +95,7 @@ impl Subscriber {
 
 /// A Yjs connection attached to one document.
 struct YjsSubscriber {
-    user: UserInfo,
+    user: Arc<UserInfo>,
     doc: DocName,
     outbox: Recipient<DeliverBinary>,
     /// Its sync step 1, waiting for the document to have nothing uncommitted.
@@ -105,7 +106,7 @@ struct YjsSubscriber {
 
 /// A user present in the session, with how many of their connections have joined.
 struct Member {
-    user: UserInfo,
+    user: Arc<UserInfo>,
     conns: usize,
 }
 
@@ -684,17 +685,20 @@ impl SessionActor {
     // ---- membership -------------------------------------------------------------------------
 
     fn member_list(&self) -> Vec<UserInfo> {
-        self.members.iter().map(|m| m.user.clone()).collect()
+        self.members
+            .iter()
+            .map(|m| UserInfo::clone(&m.user))
+            .collect()
     }
 
     /// Counts a joining connection; a user's first connection is logged as `member.joined`.
-    fn add_member_conn(&mut self, user: &UserInfo, ctx: &mut Context<Self>) {
+    fn add_member_conn(&mut self, user: &Arc<UserInfo>, ctx: &mut Context<Self>) {
         if let Some(member) = self.members.iter_mut().find(|m| m.user.id == user.id) {
             member.conns += 1;
             return;
         }
         self.members.push(Member {
-            user: user.clone(),
+            user: Arc::clone(user),
             conns: 1,
         });
         let event = NewEvent::new(EventKind::MemberJoined, user.actor(), &MemberData { user });
@@ -878,7 +882,7 @@ impl SessionActor {
             let frame = ServerFrame::Presence {
                 session: &self.id,
                 conn: &conn,
-                user: Some(&subscriber.user),
+                user: Some(&*subscriber.user),
                 state: Some(state),
                 gone: false,
             }
@@ -893,7 +897,7 @@ impl SessionActor {
             .filter_map(|(conn, state)| {
                 self.subscribers.get(conn).map(|s| PresenceEntry {
                     conn: conn.to_string(),
-                    user: s.user.clone(),
+                    user: UserInfo::clone(&s.user),
                     state: state.clone(),
                 })
             })
@@ -1046,15 +1050,16 @@ impl SessionActor {
             // A repeated join answers with a fresh snapshot; membership counts stay right.
             self.remove_conn(&msg.conn, ctx);
         }
+        let user = msg.user;
         self.subscribers.insert(
             msg.conn.clone(),
             Subscriber {
-                user: msg.user.clone(),
+                user: Arc::clone(&user),
                 outbox: msg.outbox.clone(),
                 catching_up: None,
             },
         );
-        self.add_member_conn(&msg.user, ctx);
+        self.add_member_conn(&user, ctx);
         self.last_activity = Instant::now();
 
         let joined = self.joined_frame(msg.reference.as_deref());
@@ -1642,7 +1647,7 @@ impl SessionActor {
                 let outbox = self.remote.outbox(Some(&node), &conn);
                 let join = Join {
                     conn: conn.clone(),
-                    user,
+                    user: Arc::new(user),
                     outbox: outbox.clone(),
                     reference: reference.clone(),
                     since,
@@ -1723,7 +1728,7 @@ impl SessionActor {
                 let outbox = self.remote.binary_outbox(Some(&node), &conn);
                 let attach = YjsAttach {
                     conn: conn.clone(),
-                    user,
+                    user: Arc::new(user),
                     doc,
                     outbox: outbox.clone(),
                 };
@@ -1813,7 +1818,7 @@ impl Handler<Reattach> for SessionActor {
             if !self.members.iter().any(|m| m.user.id == user.id) {
                 // Present before the crash: no new member.joined event.
                 self.members.push(Member {
-                    user: user.clone(),
+                    user: Arc::clone(&user),
                     conns: 0,
                 });
             }

@@ -205,7 +205,7 @@ impl Reply {
 #[rtype(result = "Result<(), Refusal>")]
 pub struct Join {
     pub conn: ConnId,
-    pub user: UserInfo,
+    pub user: Arc<UserInfo>,
     pub outbox: Recipient<Deliver>,
     pub reference: Option<String>,
     /// The last offset the client saw, for replay.
@@ -317,7 +317,7 @@ pub struct DeliverBinary {
 #[rtype(result = "Result<(), Refusal>")]
 pub struct YjsAttach {
     pub conn: ConnId,
-    pub user: UserInfo,
+    pub user: Arc<UserInfo>,
     pub doc: DocName,
     pub outbox: Recipient<DeliverBinary>,
 }
@@ -370,8 +370,8 @@ pub struct LeasesRenewed {
 #[derive(Message, Default)]
 #[rtype(result = "()")]
 pub struct Reattach {
-    pub conns: Vec<(ConnId, UserInfo, Recipient<Deliver>)>,
-    pub yjs: Vec<(ConnId, UserInfo, DocName, Recipient<DeliverBinary>)>,
+    pub conns: Vec<(ConnId, Arc<UserInfo>, Recipient<Deliver>)>,
+    pub yjs: Vec<(ConnId, Arc<UserInfo>, DocName, Recipient<DeliverBinary>)>,
 }
 
 /// Makes the session actor panic, to test supervision (`fault-injection` builds only).

@@ -24,6 +24,7 @@ use actix::Recipient;
 use super::ConnId;
 use super::messages::{Deliver, DeliverBinary, FrameClass, Join, YjsAttach};
 use crate::cluster::{Channel, OrderedPublisher, RelayBody, RelayFrame, SharedBus, ToOwner};
+use crate::protocol::UserInfo;
 use crate::protocol::frames::ServerFrame;
 use crate::protocol::{ErrorCode, Refusal, SessionId};
 
@@ -100,7 +101,7 @@ impl Relay {
         let command = ToOwner::Join {
             node: self.node.clone(),
             conn: msg.conn.clone(),
-            user: msg.user,
+            user: UserInfo::clone(&msg.user),
             reference: msg.reference,
             since: msg.since,
             epoch: msg.epoch,
@@ -113,7 +114,7 @@ impl Relay {
         let command = ToOwner::YjsAttach {
             node: self.node.clone(),
             conn: msg.conn.clone(),
-            user: msg.user,
+            user: UserInfo::clone(&msg.user),
             doc: msg.doc,
         };
         self.add_client(msg.conn, Outbox::Yjs(msg.outbox), command);
