@@ -318,19 +318,31 @@ impl FrameWriter {
     /// behind. Returns whether everything went out; then, with `release`, the buffer is freed
     /// (the caller knows nothing else is about to be sent).
     pub fn write_now(&mut self, release: bool) -> io::Result<bool> {
-        while !self.buf.is_empty() {
-            match self.io.try_write(&self.buf) {
+        let mut written = 0;
+        while written < self.buf.len() {
+            match self.io.try_write(&self.buf[written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.buf.advance(n),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Ok(n) => written += n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    // What is left moves to the front, for the write that waits.
+                    self.buf.advance(written);
+                    return Ok(false);
+                }
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => return Err(err),
             }
         }
+        self.done_writing(release);
+        Ok(true)
+    }
+
+    /// Empties the written buffer, keeping its allocation for the next write unless `release`.
+    fn done_writing(&mut self, release: bool) {
         if release {
             self.buf = BytesMut::new();
+        } else {
+            self.buf.clear();
         }
-        Ok(true)
     }
 
     /// Writes everything encoded, giving up with `TimedOut` if the client reads nothing for
@@ -342,9 +354,7 @@ impl FrameWriter {
         tokio::time::timeout(stall, self.io.write_all_buf(&mut self.buf))
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-        if release {
-            self.buf = BytesMut::new();
-        }
+        self.done_writing(release);
         Ok(())
     }
 
@@ -427,6 +437,34 @@ mod tests {
             0,
             "the write buffer outlived the write"
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_the_client_does_not_read_stalls_and_then_completes_in_order() {
+        use tokio::io::AsyncReadExt as _;
+        let (Upgraded { mut writer, .. }, mut client) = pair().await;
+        let payload: Vec<u8> = (0..8 << 20).map(|i: u32| i.to_le_bytes()[1]).collect();
+        writer.binary(payload.clone().into()).expect("encode");
+        let encoded = writer.buffered();
+        assert!(
+            !writer.write_now(false).expect("write"),
+            "8 MiB fit at once"
+        );
+        let stalled = writer.flush(false, Duration::from_millis(200)).await;
+        assert_eq!(
+            stalled.map_err(|err| err.kind()),
+            Err(io::ErrorKind::TimedOut)
+        );
+
+        let reading = tokio::spawn(async move {
+            let mut received = vec![0; encoded];
+            client.read_exact(&mut received).await.map(|_| received)
+        });
+        writer.flush(true, STALL).await.expect("flush once read");
+        assert_eq!(writer.buf.capacity(), 0);
+        let received = reading.await.expect("reader").expect("read");
+        // A 10-byte header (no mask, 64-bit length), then the payload, unbroken.
+        assert_eq!(&received[10..], &payload[..]);
     }
 
     #[tokio::test]
