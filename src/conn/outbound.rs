@@ -201,7 +201,7 @@ async fn write_loop(
         // not in every idle socket's writer.
         let flushed = match writer.write_now(drained) {
             Ok(true) => Ok(()),
-            Ok(false) => Box::pin(writer.flush(drained, WRITE_STALL)).await,
+            Ok(false) => Box::pin(writer.write_rest(drained, WRITE_STALL)).await,
             Err(err) => Err(err),
         };
         if flushed.is_err() {

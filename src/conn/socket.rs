@@ -351,9 +351,13 @@ impl FrameWriter {
         if self.write_now(release)? {
             return Ok(());
         }
-        tokio::time::timeout(stall, self.io.write_all_buf(&mut self.buf))
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        self.write_rest(release, stall).await
+    }
+
+    /// Waits until what [`FrameWriter::write_now`] left is written, or `TimedOut` after
+    /// `stall`; then empties the buffer as `write_now` does.
+    pub async fn write_rest(&mut self, release: bool, stall: Duration) -> io::Result<()> {
+        within(stall, self.io.write_all_buf(&mut self.buf)).await?;
         self.done_writing(release);
         Ok(())
     }
@@ -361,9 +365,7 @@ impl FrameWriter {
     /// Ends the server's side of the connection after a close frame, within `stall`.
     pub async fn shutdown(&mut self, stall: Duration) -> io::Result<()> {
         self.flush(true, stall).await?;
-        tokio::time::timeout(stall, self.io.shutdown())
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+        within(stall, self.io.shutdown()).await
     }
 
     fn encode(&mut self, message: ws::Message) -> io::Result<()> {
@@ -371,6 +373,13 @@ impl FrameWriter {
             .encode(message, &mut self.buf)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err.to_string()))
     }
+}
+
+/// `io`, or `TimedOut` once `stall` has passed.
+async fn within(stall: Duration, io: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+    tokio::time::timeout(stall, io)
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
 
 #[cfg(test)]
