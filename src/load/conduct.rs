@@ -64,6 +64,8 @@ pub enum StopReason {
     Duration,
     Count,
     Interrupted,
+    /// Every client's connection ended before the bound: the target closed or lost them all.
+    Dropped,
 }
 
 impl StopReason {
@@ -72,6 +74,7 @@ impl StopReason {
             Self::Duration => "duration",
             Self::Count => "count",
             Self::Interrupted => "ctrl-c",
+            Self::Dropped => "dropped",
         }
     }
 }
@@ -175,10 +178,24 @@ impl Conductor {
     }
 
     /// The measured phase: `limit`, or until every client in `done` reached QUIET by itself
-    /// (count-bound runs), or Ctrl-C.
-    pub async fn measure(&mut self, limit: Duration, done: Option<Range<usize>>) -> StopReason {
+    /// (count-bound runs), or Ctrl-C. A client task ends before `Close` only when its
+    /// connection does, so once every client of one of the `essential` groups has ended the run
+    /// cannot go on: it stops as [`StopReason::Dropped`] instead of waiting out the bound on a
+    /// dead target.
+    pub async fn measure(
+        &mut self,
+        limit: Duration,
+        done: Option<Range<usize>>,
+        essential: &[Range<usize>],
+    ) -> StopReason {
         let deadline = Instant::now() + limit;
         loop {
+            if essential
+                .iter()
+                .any(|group| self.count_at(group.clone(), stage::EXITED) == group.len())
+            {
+                return StopReason::Dropped;
+            }
             if let Some(range) = &done
                 && self.count_at(range.clone(), stage::QUIET) == range.len()
             {
@@ -207,6 +224,15 @@ impl Conductor {
     }
 }
 
+/// The one essential group of a run whose clients are all alike: every client.
+#[expect(
+    clippy::single_range_in_vec_init,
+    reason = "a list of one group of clients, not a list of client indexes"
+)]
+pub fn everyone(total: usize) -> Vec<Range<usize>> {
+    vec![0..total]
+}
+
 /// How a scenario wants its timeline run by [`Conductor::run`].
 pub struct Plan<'a> {
     pub progress: &'a Progress,
@@ -215,6 +241,9 @@ pub struct Plan<'a> {
     pub bound: Duration,
     /// Count-bound runs: the clients whose QUIET ends the measured phase early.
     pub done: Option<Range<usize>>,
+    /// Groups of clients the run cannot go on without (every client, or the workers and the
+    /// submitters apart): once all of one group have ended, the run stops as dropped.
+    pub essential: Vec<Range<usize>>,
     /// What the progress bar follows while measuring: a count of `len`, or time when `None`.
     pub run_track: Option<(u64, Track)>,
     /// The clients that must be QUIET before the drain (the rest are only told to stop).
@@ -266,8 +295,15 @@ impl Conductor {
                         Track::Elapsed(started),
                     ),
                 }
-                let reason = self.measure(plan.bound, plan.done).await;
+                let reason = self.measure(plan.bound, plan.done, &plan.essential).await;
                 elapsed = started.elapsed();
+                if reason == StopReason::Dropped {
+                    notes.push(format!(
+                        "the target ended the connections the run needs {:.1} s into the \
+                         measured phase; the run stopped there",
+                        elapsed.as_secs_f64()
+                    ));
+                }
                 reason
             };
         self.set(Phase::Stop);
@@ -296,10 +332,12 @@ pub trait Outcome {
     fn lost() -> Self;
     fn connected(&self) -> bool;
     fn errors(&self) -> &Errors;
+    /// Whether the connection ended before the run told it to close.
+    fn dropped(&self) -> bool;
 }
 
-/// Implements [`Outcome`] for a result struct with `connected: bool` and `errors: Errors`
-/// fields and a `Default` (which, with `client_task_lost` counted, is its `lost()`).
+/// Implements [`Outcome`] for a result struct with `connected: bool`, `errors: Errors` and
+/// `dropped: Option<String>` (why the connection ended early) fields and a `Default` (which, with `client_task_lost` counted, is its `lost()`).
 macro_rules! outcome {
     ($t:ty) => {
         impl $crate::load::conduct::Outcome for $t {
@@ -315,6 +353,10 @@ macro_rules! outcome {
 
             fn errors(&self) -> &$crate::load::stats::Errors {
                 &self.errors
+            }
+
+            fn dropped(&self) -> bool {
+                self.dropped.is_some()
             }
         }
     };
@@ -368,6 +410,7 @@ pub async fn run_senders<T: Outcome + Send + 'static>(
         live,
         bound: measured_bound(duration, count),
         done: count.map(|_| 0..total),
+        essential: everyone(total),
         run_track: count.map(|c| (c.saturating_mul(total as u64), Track::Sent)),
         quiet: 0..total,
         drain: common.drain,
@@ -430,6 +473,7 @@ pub fn connections<T: Outcome>(results: &[T]) -> Connections {
         attempted: results.len() as u64,
         opened,
         failed: results.len() as u64 - opened,
+        dropped: results.iter().filter(|r| r.dropped()).count() as u64,
     }
 }
 
@@ -542,12 +586,23 @@ mod tests {
         );
         assert_eq!(c.count_at(0..3, stage::QUIET), 2);
         assert_eq!(
-            c.measure(Duration::from_millis(30), None).await,
+            c.measure(Duration::from_millis(30), None, &everyone(3)).await,
             StopReason::Duration
         );
         assert_eq!(
-            c.measure(Duration::from_secs(5), Some(1..3)).await,
+            c.measure(Duration::from_secs(5), Some(1..3), &everyone(3)).await,
             StopReason::Count
+        );
+        // The run cannot go on once a group it needs is gone, even with others still there.
+        assert_eq!(
+            c.measure(Duration::from_secs(5), Some(0..2), &[0..2, 2..3])
+                .await,
+            StopReason::Dropped
+        );
+        drop((a, b));
+        assert_eq!(
+            c.measure(Duration::from_secs(5), None, &everyone(3)).await,
+            StopReason::Dropped
         );
     }
 

@@ -25,8 +25,8 @@ use yrs::sync::SyncMessage;
 use yrs::{Doc, ReadTxn as _, Transact as _};
 
 use super::conduct::{
-    Conductor, Cue, Phase, Plan, close_limit, connections, gather, outcome, ramp_delay, ramp_limit,
-    stage,
+    Conductor, Cue, Phase, Plan, close_limit, connections, everyone, gather, outcome, ramp_delay,
+    ramp_limit, stage,
 };
 use super::framing::{Codec, Framing, Incoming};
 use super::progress::{Live, Progress, Track};
@@ -228,7 +228,7 @@ async fn sync_empty(
 struct SocketResult {
     connected: bool,
     errors: Errors,
-    dropped: bool,
+    dropped: Option<String>,
     frames: u64,
 }
 
@@ -267,9 +267,10 @@ async fn socket_task(
             _ = cue.changed() => {}
             message = ws.next() => match message {
                 Some(Ok(Message::Close(_)) | Err(_)) | None => {
-                    out.dropped = true;
+                    let why = format!("{name}: the server closed an idle socket");
                     Live::bump(&ctx.live.errors);
-                    out.errors.add_detail("closed", || format!("{name}: the server closed an idle socket"));
+                    out.errors.add_detail("closed", || why.clone());
+                    out.dropped = Some(why);
                     break;
                 }
                 Some(Ok(_)) => out.frames += 1,
@@ -349,6 +350,7 @@ pub async fn run(args: IdleArgs) -> Result<Report, LoadError> {
                 live: &live,
                 bound: args.duration,
                 done: None,
+                essential: everyone(total),
                 run_track: None,
                 quiet: 0..0,
                 drain: common.drain,
@@ -386,14 +388,12 @@ pub async fn run(args: IdleArgs) -> Result<Report, LoadError> {
     report.param("prefix", prefix);
     report.connections = connections(&results);
     let mut frames = 0;
-    let mut dropped = 0;
     for r in &results {
         report.errors.merge(&r.errors);
         frames += r.frames;
-        dropped += u64::from(r.dropped);
     }
     report.count("frames_received", frames, false);
-    report.count("closed_by_server", dropped, false);
+    report.count("closed_by_server", report.connections.dropped, false);
     match (before, after) {
         (Some(before), Some(after)) => {
             if after < before {

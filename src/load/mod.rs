@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
+use conduct::StopReason;
 pub use report::Report;
 
 /// `conclave load`'s arguments: one scenario and its options.
@@ -150,10 +151,20 @@ pub enum LoadError {
     Http(#[from] reqwest::Error),
     #[error("the run finished but did not converge (see the report)")]
     NotConverged,
+    #[error(
+        "the target ended {dropped} of the {opened} connections {after_s:.1} s into the \
+         measured phase, and the run could not go on (see the report)"
+    )]
+    TargetDropped {
+        dropped: u64,
+        opened: u64,
+        after_s: f64,
+    },
 }
 
-/// Runs one scenario to its end and prints its report. A run that did not converge prints its
-/// report, then returns [`LoadError::NotConverged`], so scripts see a failing exit status.
+/// Runs one scenario to its end and prints its report. A run that did not converge, or whose
+/// target ended every connection, prints its report and then returns [`LoadError::NotConverged`]
+/// or [`LoadError::TargetDropped`], so scripts see a failing exit status.
 pub fn run(args: LoadArgs) -> Result<(), LoadError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -185,6 +196,13 @@ pub fn run(args: LoadArgs) -> Result<(), LoadError> {
         println!("{}", report.to_json());
     } else {
         print!("{}", report.render());
+    }
+    if report.stopped_by == StopReason::Dropped {
+        return Err(LoadError::TargetDropped {
+            dropped: report.connections.dropped,
+            opened: report.connections.opened,
+            after_s: report.elapsed.as_secs_f64(),
+        });
     }
     match report.convergence {
         Some(ref c) if !c.passed => Err(LoadError::NotConverged),

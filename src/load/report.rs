@@ -17,6 +17,8 @@ pub struct Connections {
     pub attempted: u64,
     pub opened: u64,
     pub failed: u64,
+    /// Opened, then ended by the target (closed, reset or gone) before the run closed it.
+    pub dropped: u64,
 }
 
 /// A counter, shown with its rate over the measured time when `rate` is set. Names are
@@ -160,9 +162,14 @@ impl Report {
             let _ = writeln!(out, "  {}", params.join(" "));
         }
         let c = &self.connections;
+        let dropped = if c.dropped > 0 {
+            format!(", {} dropped by the target", c.dropped)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "  measured {:.2} s (stopped by {}); connections: {} opened, {} failed, of {}",
+            "  measured {:.2} s (stopped by {}); connections: {} opened, {} failed{dropped}, of {}",
             self.elapsed.as_secs_f64(),
             self.stopped_by.as_str(),
             c.opened,
@@ -260,6 +267,7 @@ mod tests {
             attempted: 4,
             opened: 4,
             failed: 0,
+            dropped: 1,
         };
         r.count("sent", 100, true);
         r.count("skipped_window_full", 3, false);

@@ -519,6 +519,8 @@ pub async fn run(args: TasksArgs) -> Result<Report, LoadError> {
                 live: &live,
                 bound,
                 done: Some(0..s),
+                // Submitters are clients 0..s, workers s..s+w (see their cues above).
+                essential: vec![0..s, s..total],
                 run_track: Some((args.count, Track::Completed)),
                 quiet: 0..s,
                 drain: common.drain,
