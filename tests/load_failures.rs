@@ -312,3 +312,37 @@ async fn a_target_that_drops_every_connection_ends_the_run_and_reports_it() {
         eprintln!("{name}: ended {took:?} after the node stopped: {connections}");
     }
 }
+
+/// A server that rate-limits the run: the refusals are counted, and the report says that what
+/// it measured is the server's limit, and how to lift it.
+#[tokio::test]
+async fn a_rate_limited_run_says_it_measured_the_limit() {
+    let server = TestServer::sqlite_with(|c| {
+        c.limits.rate_per_s = 5;
+        c.limits.rate_burst = 5;
+    });
+    let mut args = scenario("native", &format!("ws://{}", server.addr), "limited");
+    args.extend([
+        "--count".into(),
+        "40".into(),
+        "--timeout".into(),
+        "5s".into(),
+    ]);
+    let (output, _) = run_within(&args, Duration::from_secs(60)).await;
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {} {}",
+            String::from_utf8_lossy(&output.stdout),
+            stderr(&output)
+        )
+    });
+    assert!(
+        report["errors"]["rate_limited"].as_u64() >= Some(1),
+        "the run was not rate-limited: {report}"
+    );
+    let notes = report["notes"].to_string();
+    assert!(
+        notes.contains("rate-limited") && notes.contains("--rate-per-s"),
+        "no note about the limit: {report}"
+    );
+}

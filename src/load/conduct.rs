@@ -586,11 +586,13 @@ mod tests {
         );
         assert_eq!(c.count_at(0..3, stage::QUIET), 2);
         assert_eq!(
-            c.measure(Duration::from_millis(30), None, &everyone(3)).await,
+            c.measure(Duration::from_millis(30), None, &everyone(3))
+                .await,
             StopReason::Duration
         );
         assert_eq!(
-            c.measure(Duration::from_secs(5), Some(1..3), &everyone(3)).await,
+            c.measure(Duration::from_secs(5), Some(1..3), &everyone(3))
+                .await,
             StopReason::Count
         );
         // The run cannot go on once a group it needs is gone, even with others still there.

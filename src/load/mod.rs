@@ -170,7 +170,7 @@ pub fn run(args: LoadArgs) -> Result<(), LoadError> {
         .enable_all()
         .build()
         .map_err(LoadError::Runtime)?;
-    let (report, json) = runtime.block_on(async move {
+    let (mut report, json) = runtime.block_on(async move {
         match args.scenario {
             Scenario::Native(a) => {
                 let json = a.common.json;
@@ -190,6 +190,13 @@ pub fn run(args: LoadArgs) -> Result<(), LoadError> {
             }
         }
     })?;
+    if report.errors.counts.contains_key("rate_limited") {
+        report.notes.push(
+            "the server rate-limited this run: what it measured is the limit, not the server; \
+             to measure the server, start it with a higher --rate-per-s and --rate-burst"
+                .into(),
+        );
+    }
     // Client tasks still closing their sockets must not hold the process.
     runtime.shutdown_timeout(Duration::from_secs(2));
     if json {
