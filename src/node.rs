@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+pub use crate::conn::Stopping;
 pub use crate::conn::socket::OpenSockets;
 
 use crate::auth::Authenticator;
@@ -25,4 +26,6 @@ pub struct Node {
     pub bus: SharedBus,
     /// WebSockets open, against `limits.max_sockets`.
     pub sockets: OpenSockets,
+    /// Set once when the node shuts down; every socket is then closed with 1001.
+    pub stopping: Stopping,
 }

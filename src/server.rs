@@ -22,6 +22,10 @@ use crate::session::{Drain, SessionDeps, SessionRegistry};
 use crate::store::{self, GroupCommit, SharedStore, StoreError};
 use crate::tasks::{SchedulerConfig, SchedulerHandle};
 
+/// How long shutdown waits for sockets to send their close frames: a client that does not
+/// read is cut after this.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long shutdown waits for sessions to flush their last batch.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -132,6 +136,7 @@ pub async fn start_with_store(
         councils,
         bus,
         sockets: crate::node::OpenSockets::default(),
+        stopping: crate::node::Stopping::default(),
     });
 
     actix::spawn(crate::memory::trim_after_churn(
@@ -223,11 +228,31 @@ impl RunningServer {
         }
     }
 
-    /// Stops accepting connections, flushes every session, then stops the server.
+    /// Tells every socket the node is stopping and waits, for at most [`CLOSE_TIMEOUT`], until
+    /// each has sent its close frame and ended.
+    async fn close_sockets(&self) {
+        self.node.stopping.begin();
+        let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+        while self.node.sockets.open_now() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.node.sockets.open_now();
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "some sockets had not closed within {CLOSE_TIMEOUT:?}; cutting them"
+            );
+        }
+    }
+
+    /// Stops accepting connections, flushes every session, closes every socket with 1001, then
+    /// stops the server.
     pub async fn shutdown(self) {
         tracing::info!("shutting down: no new connections; flushing sessions");
         self.http.pause().await;
         self.drain_sessions().await;
+        // After the drain, so each client's acks are queued ahead of its close frame.
+        self.close_sockets().await;
         self.http.stop(false).await;
         // Closing the sockets made members leave; commit those events too before the session
         // arbiters (and any commit still in flight on them) go away.

@@ -1,5 +1,6 @@
-//! Graceful shutdown of the real binary: SIGTERM drains every session and exits with status 0
-//! within a few seconds, and every acked chat is in the store after a restart.
+//! Graceful shutdown of the real binary: SIGTERM drains every session, closes every socket with
+//! 1001 and exits with status 0 within a few seconds, and every acked chat is in the store after
+//! a restart.
 
 mod common;
 
@@ -7,7 +8,10 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::time::Duration;
 
-use common::{WsClient, all_events, assert_gap_free, data_dir_args, spawn_binary};
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+use common::{Ending, WsClient, all_events, assert_gap_free, data_dir_args, spawn_binary};
 use serde_json::json;
 
 /// Chats streamed while the node shuts down.
@@ -125,10 +129,48 @@ async fn sigterm_on_an_idle_node_exits_0_promptly() {
         .map(Into::into)
         .collect();
     let mut server = spawn_binary(&args, &[]).await;
-    // An open, idle socket must not hold the process.
+    // Open, idle sockets of every kind must not hold the process, and each is told why it
+    // ends: a close frame with 1001 (going away), not a reset.
     let mut client = WsClient::connect_hello(&server.ws_url(), "idle").await;
     client.join("quiet", None, None).await;
+    let (mut yjs, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/yjs/quiet/main", server.addr))
+            .await
+            .expect("opening a Yjs socket");
+    let mut worker = WsClient::connect(&format!("ws://{}/v1/workers", server.addr)).await;
+    worker
+        .send(json!({"type": "hello", "capabilities": ["k"], "capacity": 1}))
+        .await;
+    assert_eq!(worker.recv().await["type"], "welcome");
     server.sigterm();
+    // The Yjs socket speaks binary, which `WsClient` refuses: read it raw.
+    let yjs_close = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match yjs.next().await {
+                Some(Ok(Message::Close(close))) => {
+                    break Ending::Closed(close.map(|frame| u16::from(frame.code)));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => break Ending::Dropped(err.to_string()),
+                None => break Ending::Dropped("stream ended".into()),
+            }
+        }
+    })
+    .await
+    .expect("the Yjs socket was not ended within 5 s");
+    assert!(
+        matches!(yjs_close, Ending::Closed(Some(1001))),
+        "the Yjs socket ended with {yjs_close:?}, not a 1001 close\n{}",
+        server.log()
+    );
+    for (name, socket) in [("user", &mut client), ("worker", &mut worker)] {
+        let (ending, _) = socket.wait_end(Duration::from_secs(5)).await;
+        assert!(
+            matches!(ending, Ending::Closed(Some(1001))),
+            "the {name} socket ended with {ending:?}, not a 1001 close\n{}",
+            server.log()
+        );
+    }
     let status = server
         .wait_exit(Duration::from_secs(5))
         .await

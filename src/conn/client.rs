@@ -508,8 +508,7 @@ impl Actor for ClientConn {
                 act.close_with(CloseCode::Policy, &refusal, ctx);
             }
         });
-        let ping_every = Duration::from_secs((self.node.limits.socket_timeout_s / 3).max(1));
-        keepalive::watch(ctx.address().downgrade().recipient(), ping_every);
+        keepalive::watch(ctx.address().downgrade().recipient(), &self.node);
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
@@ -528,13 +527,20 @@ impl Actor for ClientConn {
 impl Handler<Beat> for ClientConn {
     type Result = ();
 
-    fn handle(&mut self, _: Beat, ctx: &mut Context<Self>) {
+    fn handle(&mut self, beat: Beat, ctx: &mut Context<Self>) {
         let timeout = Duration::from_secs(self.node.limits.socket_timeout_s);
-        if !keepalive::ping_if_alive(&self.outbound, self.last_heard, timeout) {
-            tracing::debug!(conn = %self.id, "socket timed out");
-            self.outbound.close(CloseCode::Away, keepalive::SILENT);
-            ctx.stop();
-        }
+        let reason = match beat {
+            Beat::Due if keepalive::ping_if_alive(&self.outbound, self.last_heard, timeout) => {
+                return;
+            }
+            Beat::Due => {
+                tracing::debug!(conn = %self.id, "socket timed out");
+                keepalive::SILENT
+            }
+            Beat::NodeStopping => keepalive::STOPPING,
+        };
+        self.outbound.close(CloseCode::Away, reason);
+        ctx.stop();
     }
 }
 

@@ -11,6 +11,7 @@ mod worker;
 mod yjs;
 
 pub use client::ClientConn;
+pub use keepalive::Stopping;
 pub use outbound::{Outbound, Pushed};
 pub use worker::WorkerConn;
 pub use yjs::YjsConn;

@@ -116,6 +116,11 @@ impl OpenSockets {
     pub fn changes(&self) -> u64 {
         self.0.changes.load(Ordering::Relaxed)
     }
+
+    /// Sockets open now: counted until each one's writer has finished (its close frame sent).
+    pub fn open_now(&self) -> usize {
+        self.0.open.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for SocketPermit {

@@ -13,6 +13,7 @@ use super::socket::{CloseCode, ProtocolError, Received};
 use actix::prelude::*;
 
 use super::guard::{FrameGuard, Inbound, Verdict, classify};
+use super::keepalive::{self, Beat};
 use super::outbound::{Outbound, Pushed};
 use crate::auth::Principal;
 use crate::node::Node;
@@ -280,6 +281,7 @@ impl Actor for WorkerConn {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         telemetry::connection_opened("worker");
+        keepalive::watch(ctx.address().downgrade().recipient(), &self.node);
         let hello_timeout = Duration::from_secs(self.node.limits.hello_timeout_s);
         ctx.run_later(hello_timeout, move |act, ctx| {
             if act.principal.is_none() {
@@ -298,6 +300,19 @@ impl Actor for WorkerConn {
             self.node.scheduler.addr().do_send(WorkerGone {
                 id: self.id.clone(),
             });
+        }
+    }
+}
+
+/// Workers keep their own heartbeat (see `welcome`); from the keepalive they only take the
+/// node's goodbye.
+impl Handler<Beat> for WorkerConn {
+    type Result = ();
+
+    fn handle(&mut self, beat: Beat, ctx: &mut Context<Self>) {
+        if beat == Beat::NodeStopping {
+            self.outbound.close(CloseCode::Away, keepalive::STOPPING);
+            ctx.stop();
         }
     }
 }

@@ -158,11 +158,7 @@ impl Actor for YjsConn {
                 }
             });
         }
-        let timeout = Duration::from_secs(self.node.limits.socket_timeout_s);
-        keepalive::watch(
-            ctx.address().downgrade().recipient(),
-            (timeout / 3).max(Duration::from_secs(1)),
-        );
+        keepalive::watch(ctx.address().downgrade().recipient(), &self.node);
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
@@ -178,10 +174,12 @@ impl Actor for YjsConn {
 impl Handler<Beat> for YjsConn {
     type Result = ();
 
-    fn handle(&mut self, _: Beat, ctx: &mut Context<Self>) {
+    fn handle(&mut self, beat: Beat, ctx: &mut Context<Self>) {
         let timeout = Duration::from_secs(self.node.limits.socket_timeout_s);
-        if !keepalive::ping_if_alive(&self.outbound, self.last_heard, timeout) {
-            self.close(CloseCode::Away, keepalive::SILENT, ctx);
+        match beat {
+            Beat::Due if keepalive::ping_if_alive(&self.outbound, self.last_heard, timeout) => {}
+            Beat::Due => self.close(CloseCode::Away, keepalive::SILENT, ctx),
+            Beat::NodeStopping => self.close(CloseCode::Away, keepalive::STOPPING, ctx),
         }
     }
 }
