@@ -20,9 +20,18 @@
 //!   for any server that walks the text per update.
 //!
 //! Either way a marker goes in whole after a marker or at the start, so no insert splits one.
-//! A `runs` client writes into a document of its own markers only (appending there finds the
-//! end at once, where yrs walks the shared text from its start to find an offset) and applies
-//! the same update to its copy of the shared document.
+//! yrs has no fast way to the end of a text: an insert at an offset walks the text from its
+//! start, one step per item, so a client that appended with `Text::push` spent most of its time
+//! walking (78% of the load generator's samples with interleaved typing at R = 100, where every
+//! marker is an item). So neither typing walks:
+//! - A `runs` client writes into a document of its own markers only (appending there finds the
+//!   end at once) and applies the same update to its copy of the shared document.
+//! - An `interleaved` client writes the update itself ([`append_after`]): one string item whose
+//!   origin is the newest marker it knows, its own last or the newest one a received update
+//!   brought, found by the marker's stamp. That is the end of the text as this client last saw
+//!   it, which is what a person typing at the end inserts after; concurrent appends after the
+//!   same item are ordered by the CRDT as any are. Every client's Yjs client id is the run's
+//!   base plus its index, so a marker names the item that holds it.
 //!
 //! A receiver finds the markers in the update's bytes, where Yjs's v1 encoding keeps inserted
 //! strings as plain UTF-8, rather than by observing its text: a text observer's delta walks the
@@ -44,9 +53,12 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::time::{Instant, Interval};
 use tokio_tungstenite::tungstenite::Message;
 use url::Url;
+use yrs::block::{BLOCK_ITEM_STRING_REF_NUMBER, HAS_ORIGIN};
+use yrs::encoding::write::Write as _;
 use yrs::sync::SyncMessage;
 use yrs::updates::decoder::Decode as _;
-use yrs::{Doc, GetString as _, OffsetKind, Options, ReadTxn as _};
+use yrs::updates::encoder::{Encoder as _, EncoderV1};
+use yrs::{ClientID, Doc, GetString as _, ID, OffsetKind, Options, ReadTxn as _};
 use yrs::{Text as _, TextRef, Transact as _, Update};
 
 use super::conduct::{
@@ -134,6 +146,8 @@ struct Ctx {
     target: Target,
     framing: Framing,
     typing: Typing,
+    /// Client `i`'s Yjs client id is this plus `i`: random per run, and far below 2^53.
+    client_ids: u64,
     timeout: Duration,
     period: Duration,
     count: Option<u64>,
@@ -202,14 +216,34 @@ impl Ledger {
     }
 }
 
-/// A client's document, with offsets in UTF-16 units as y-websocket's JavaScript clients count.
-fn client_doc() -> (Doc, TextRef) {
+/// A client's document as Yjs client `client_id`, with offsets in UTF-16 units as y-websocket's
+/// JavaScript clients count.
+fn client_doc(client_id: u64) -> (Doc, TextRef) {
     let doc = Doc::with_options(Options {
+        client_id: ClientID::new(client_id),
         offset_kind: OffsetKind::Utf16,
         ..Options::default()
     });
     let text = doc.get_or_insert_text("content");
     (doc, text)
+}
+
+/// A Yjs v1 update of one item: `text` (ASCII, so its UTF-16 length is its length in bytes)
+/// inserted right after the item `origin`, by `client` at `clock`. It is what yrs encodes for
+/// an insert at the end of a text whose last item is `origin`, without the walk to find it
+/// (the module docs; a unit test compares the two).
+pub fn append_after(client: ClientID, clock: u32, origin: ID, text: &str) -> Vec<u8> {
+    let mut encoder = EncoderV1::new();
+    encoder.write_var(1u32); // clients with items
+    encoder.write_var(1u32); // items of this client
+    encoder.write_client(client);
+    encoder.write_var(clock);
+    // An origin and no right origin: the parent is the origin's.
+    encoder.write_info(HAS_ORIGIN | BLOCK_ITEM_STRING_REF_NUMBER);
+    encoder.write_left_id(&origin);
+    encoder.write_string(text);
+    encoder.write_var(0u32); // no deletions
+    encoder.to_vec()
 }
 
 struct Client {
@@ -220,6 +254,9 @@ struct Client {
     text: TextRef,
     /// With `--typing runs`: the document of this client's own markers, where it writes.
     run: Option<(Doc, TextRef)>,
+    /// With `--typing interleaved`: the item of the newest marker this client knows, which it
+    /// appends after; `None` until it has one.
+    tail: Option<ID>,
     ledger: Ledger,
     /// The stamp of this client's last marker: the next is later, even within one µs.
     last_stamp: u64,
@@ -238,24 +275,46 @@ impl Client {
         });
     }
 
-    /// Accounts for the markers an update from the server brings, then applies it.
+    /// Accounts for the markers an update from the server brings, then applies it. With
+    /// interleaved typing, the item of the update's newest marker becomes the tail.
     fn apply(&mut self, data: &[u8]) {
-        self.count_markers(data);
+        let newest = self.count_markers(data);
         let update = match Update::decode_v1(data) {
             Ok(update) => update,
             Err(err) => return self.error(bad_update(err)),
         };
+        // The sender's last item in this update holds its newest marker.
+        let tail = newest
+            .filter(|_| self.ctx.typing == Typing::Interleaved)
+            .and_then(|sender| {
+                let client = ClientID::new(self.ctx.client_ids + u64::from(sender));
+                let upper = update.state_vector().get(&client);
+                (upper > 0).then(|| ID::new(client, upper - 1))
+            });
         let applied = self.doc.transact_mut().apply_update(update);
         if let Err(err) = applied {
-            self.error(bad_update(err));
+            return self.error(bad_update(err));
+        }
+        // Only an item the document holds can be appended after (one whose update is still
+        // waiting for an earlier one is not in it yet).
+        if let Some(tail) = tail
+            && self.doc.transact().state_vector().get(&tail.client) > tail.clock
+        {
+            self.tail = Some(tail);
         }
     }
 
-    fn count_markers(&mut self, data: &[u8]) {
+    /// Counts the markers in `data` from other clients, new ones once; returns the client of
+    /// the newest marker in it, whoever's it is.
+    fn count_markers(&mut self, data: &[u8]) -> Option<u32> {
         let now = now_us();
         let since = self.ctx.run_start_us.load(Ordering::Relaxed);
         let running = self.cue.phase() == Phase::Run;
+        let mut newest: Option<(u64, u32)> = None;
         for (client, t) in markers(data) {
+            if newest.is_none_or(|(latest, _)| t > latest) {
+                newest = Some((t, client));
+            }
             if client == self.index || t < since || !self.ledger.fresh(client, t) {
                 continue;
             }
@@ -266,6 +325,7 @@ impl Client {
                 Live::bump(&self.ctx.live.delivered);
             }
         }
+        newest.map(|(_, client)| client)
     }
 
     /// Handles one binary frame; returns the frames to answer with, or why the server ended
@@ -348,6 +408,37 @@ impl Client {
         self.ctx.count.is_some_and(|count| self.out.sent >= count)
     }
 
+    /// Interleaved typing: appends `marker` after the tail (module docs), or with yrs's own
+    /// walk to the end while there is no tail yet. The marker becomes the tail.
+    fn append(&mut self, marker: &str) -> Result<Vec<u8>, Failure> {
+        let own = self.doc.client_id();
+        let clock = self.doc.transact().state_vector().get(&own);
+        let update = match self.tail {
+            Some(origin) => {
+                let update = append_after(own, clock, origin, marker);
+                let decoded = Update::decode_v1(&update).map_err(bad_update)?;
+                self.doc
+                    .transact_mut()
+                    .apply_update(decoded)
+                    .map_err(bad_update)?;
+                update
+            }
+            None => {
+                let mut txn = self.doc.transact_mut();
+                self.text.push(&mut txn, marker);
+                txn.encode_update_v1()
+            }
+        };
+        let len = u32::try_from(marker.len()).map_err(bad_update)?;
+        if self.doc.transact().state_vector().get(&own) != clock + len {
+            return Err(bad_update(
+                "an append did not join the client's own document",
+            ));
+        }
+        self.tail = Some(ID::new(own, clock + len - 1));
+        Ok(update)
+    }
+
     async fn send_marker(&mut self) -> Result<(), Failure> {
         self.last_stamp = now_us().max(self.last_stamp + 1);
         let marker = format!("<{}:{}>", self.index, self.last_stamp);
@@ -365,11 +456,7 @@ impl Client {
                     .map_err(bad_update)?;
                 update
             }
-            None => {
-                let mut txn = self.doc.transact_mut();
-                self.text.push(&mut txn, &marker);
-                txn.encode_update_v1()
-            }
+            None => self.append(&marker)?,
         };
         self.out.sent += 1;
         self.shared.sent.fetch_add(1, Ordering::Relaxed);
@@ -472,14 +559,18 @@ async fn client_task(
             return out;
         }
     };
-    let (doc, text) = client_doc();
+    // The run document writes as this client; the shared copy only writes with interleaved
+    // typing, never both.
+    let client_id = ctx.client_ids + u64::from(index);
+    let (doc, text) = client_doc(client_id);
     let mut client = Client {
         index,
         ws,
         codec: Codec::new(ctx.framing, shared.room.clone()),
         doc,
         text,
-        run: (ctx.typing == Typing::Runs).then(client_doc),
+        run: (ctx.typing == Typing::Runs).then(|| client_doc(client_id)),
+        tail: None,
         ledger: Ledger::default(),
         last_stamp: 0,
         shared,
@@ -515,6 +606,7 @@ pub async fn run(args: YjsArgs) -> Result<Report, LoadError> {
         target: target.clone(),
         framing: args.framing,
         typing: args.typing,
+        client_ids: rand::random_range(1..1u64 << 40),
         timeout: common.timeout,
         period: Duration::from_secs_f64(1.0 / args.rate),
         count: args.count,
@@ -703,8 +795,8 @@ mod tests {
     /// run, however the clients interleave.
     #[test]
     fn runs_stay_together_and_converge() {
-        let shared: Vec<(Doc, TextRef)> = (0..3).map(|_| client_doc()).collect();
-        let runs: Vec<(Doc, TextRef)> = (0..3).map(|_| client_doc()).collect();
+        let shared: Vec<(Doc, TextRef)> = (0..3).map(|c| client_doc(100 + c)).collect();
+        let runs: Vec<(Doc, TextRef)> = (0..3).map(client_doc).collect();
         for round in 0..4 {
             for (c, (run, run_text)) in runs.iter().enumerate() {
                 let update = {
@@ -730,13 +822,91 @@ mod tests {
         }
     }
 
+    /// The hand-made append is byte for byte what yrs encodes when it walks to the end.
+    #[test]
+    fn an_append_after_the_tail_is_what_yrs_encodes_for_a_push() {
+        let (a, a_text) = client_doc(7);
+        let (b, b_text) = client_doc(9);
+        let first = {
+            let mut txn = a.transact_mut();
+            a_text.push(&mut txn, "<0:1>");
+            txn.encode_update_v1()
+        };
+        b.transact_mut()
+            .apply_update(Update::decode_v1(&first).unwrap())
+            .unwrap();
+        let walked = {
+            let mut txn = b.transact_mut();
+            b_text.push(&mut txn, "<1:2>");
+            txn.encode_update_v1()
+        };
+        let tail = ID::new(ClientID::new(7), 4);
+        assert_eq!(append_after(ClientID::new(9), 0, tail, "<1:2>"), walked);
+    }
+
+    /// Clients that append after the newest marker they know, with updates crossing, converge
+    /// on one text that holds every marker once, the clients' markers interleaved.
+    #[test]
+    fn interleaved_appends_converge() {
+        let docs: Vec<(Doc, TextRef)> = (0..3).map(|c| client_doc(50 + c)).collect();
+        let mut tails: Vec<Option<ID>> = vec![None; 3];
+        for round in 0..20u32 {
+            // Everyone appends before anyone hears of the others: maximal concurrency.
+            let updates: Vec<Vec<u8>> = docs
+                .iter()
+                .enumerate()
+                .map(|(c, (doc, text))| {
+                    let marker = format!("<{c}:{round}>");
+                    let own = doc.client_id();
+                    let clock = doc.transact().state_vector().get(&own);
+                    let update = match tails[c] {
+                        Some(tail) => append_after(own, clock, tail, &marker),
+                        None => {
+                            let mut txn = doc.transact_mut();
+                            text.push(&mut txn, &marker);
+                            txn.encode_update_v1()
+                        }
+                    };
+                    tails[c] = Some(ID::new(own, clock + marker.len() as u32 - 1));
+                    update
+                })
+                .collect();
+            for (c, (doc, _)) in docs.iter().enumerate() {
+                for (sender, update) in updates.iter().enumerate() {
+                    if sender != c || round > 0 {
+                        let decoded = Update::decode_v1(update).unwrap();
+                        // Applying one's own update again changes nothing.
+                        doc.transact_mut().apply_update(decoded).unwrap();
+                    }
+                }
+                // The newest marker heard is the last sender's.
+                let last = ClientID::new(50 + 2);
+                let upper = doc.transact().state_vector().get(&last);
+                tails[c] = Some(ID::new(last, upper - 1));
+            }
+        }
+        let texts: Vec<String> = docs
+            .iter()
+            .map(|(doc, text)| text.get_string(&doc.transact()))
+            .collect();
+        assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+        let found: Vec<(u32, u64)> = markers(texts[0].as_bytes()).collect();
+        assert_eq!(found.len(), 60, "{}", texts[0]);
+        let switches = found.windows(2).filter(|w| w[0].0 != w[1].0).count();
+        assert!(
+            switches >= 20,
+            "the clients' markers are not interleaved: {}",
+            texts[0]
+        );
+    }
+
     /// Markers are found in encoded updates as a server sends them: one client's own update, a
     /// merge of several, and a whole-document sync step 2 that repeats what came before, which
     /// the ledger counts once.
     #[test]
     fn markers_are_found_in_updates_and_counted_once() {
-        let (a, a_text) = client_doc();
-        let (b, b_text) = client_doc();
+        let (a, a_text) = client_doc(1);
+        let (b, b_text) = client_doc(2);
         let append = |doc: &Doc, text: &TextRef, s: &str| {
             let mut txn = doc.transact_mut();
             text.push(&mut txn, s);
