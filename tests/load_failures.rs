@@ -299,6 +299,14 @@ async fn a_target_that_drops_every_connection_ends_the_run_and_reports_it() {
             "{name}: the measured phase ran to {} s",
             report["elapsed_s"]
         );
+        if name != "tasks" {
+            // The node said goodbye (a submitter may hit the closed socket with a send first).
+            let sample = report["error_samples"]["closed"].to_string();
+            assert!(
+                sample.contains("the server is shutting down"),
+                "{name}: the close reason is not reported: {report}"
+            );
+        }
         if name == "native" {
             // Every chat sent is accounted for: acked, or counted as unanswered.
             let counts = &report["counts"];

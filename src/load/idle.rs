@@ -267,7 +267,14 @@ async fn socket_task(
             _ = cue.changed() => {}
             message = ws.next() => match message {
                 Some(Ok(Message::Close(_)) | Err(_)) | None => {
-                    let why = format!("{name}: the server closed an idle socket");
+                    let how = match message {
+                        Some(Ok(Message::Close(Some(frame)))) => {
+                            format!("{} \"{}\"", u16::from(frame.code), frame.reason)
+                        }
+                        Some(Err(err)) => err.to_string(),
+                        _ => "no close frame".to_owned(),
+                    };
+                    let why = format!("{name}: the server closed an idle socket ({how})");
                     Live::bump(&ctx.live.errors);
                     out.errors.add_detail("closed", || why.clone());
                     out.dropped = Some(why);
