@@ -24,26 +24,19 @@ fn scenario(name: &str, base: &str, prefix: &str) -> Vec<String> {
     let yjs_url = format!("{base}/v1/yjs");
     let tasks_session = format!("{prefix}-0");
     let specific: Vec<&str> = match name {
-        "native" => vec![
-            "--url",
-            base,
-            "--sessions",
-            "2",
-            "--clients",
-            "2",
-            "--rate",
-            "20",
-        ],
-        "yjs" => vec![
-            "--url",
-            &yjs_url,
-            "--sessions",
-            "2",
-            "--clients",
-            "2",
-            "--rate",
-            "20",
-        ],
+        "native" | "yjs" => {
+            let url = if name == "yjs" { &yjs_url } else { base };
+            vec![
+                "--url",
+                url,
+                "--sessions",
+                "2",
+                "--clients",
+                "2",
+                "--rate",
+                "20",
+            ]
+        }
         "idle" => vec!["--url", base, "--count", "4", "--sessions", "2"],
         _ => vec![
             "--url",

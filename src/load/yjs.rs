@@ -408,6 +408,16 @@ impl Client {
         self.ctx.count.is_some_and(|count| self.out.sent >= count)
     }
 
+    /// Applies an update this client made elsewhere (its run document, or by hand) to its copy
+    /// of the shared document.
+    fn apply_own(&self, update: &[u8]) -> Result<(), Failure> {
+        let decoded = Update::decode_v1(update).map_err(bad_update)?;
+        self.doc
+            .transact_mut()
+            .apply_update(decoded)
+            .map_err(bad_update)
+    }
+
     /// Interleaved typing: appends `marker` after the tail (module docs), or with yrs's own
     /// walk to the end while there is no tail yet. The marker becomes the tail.
     fn append(&mut self, marker: &str) -> Result<Vec<u8>, Failure> {
@@ -416,11 +426,7 @@ impl Client {
         let update = match self.tail {
             Some(origin) => {
                 let update = append_after(own, clock, origin, marker);
-                let decoded = Update::decode_v1(&update).map_err(bad_update)?;
-                self.doc
-                    .transact_mut()
-                    .apply_update(decoded)
-                    .map_err(bad_update)?;
+                self.apply_own(&update)?;
                 update
             }
             None => {
@@ -449,11 +455,7 @@ impl Client {
                     run_text.push(&mut txn, &marker);
                     txn.encode_update_v1()
                 };
-                let decoded = Update::decode_v1(&update).map_err(bad_update)?;
-                self.doc
-                    .transact_mut()
-                    .apply_update(decoded)
-                    .map_err(bad_update)?;
+                self.apply_own(&update)?;
                 update
             }
             None => self.append(&marker)?,
