@@ -347,3 +347,59 @@ async fn a_rate_limited_run_says_it_measured_the_limit() {
         "no note about the limit: {report}"
     );
 }
+
+/// A `tasks` run against a node that rate-limits its submitter: the submitter backs off rather
+/// than send into the limit, so it is not closed for abuse, and the run ends by its count with
+/// the refusals counted. Without the backoff a full window is refused at each turn, and 30
+/// refusals in a row close the socket with 1008.
+#[tokio::test]
+async fn a_rate_limited_submitter_backs_off_and_is_not_closed() {
+    let server = TestServer::sqlite_with(|c| {
+        c.limits.rate_per_s = 20;
+        c.limits.rate_burst = 20;
+        c.limits.rate_abuse_strikes = 30;
+    });
+    let session = common::unique_session("limited-tasks");
+    let args = args(&[
+        "tasks",
+        "--url",
+        &format!("ws://{}", server.addr),
+        "--workers",
+        "2",
+        "--submitters",
+        "1",
+        "--window",
+        "32",
+        "--count",
+        "120",
+        "--session",
+        &session,
+        "--json",
+        "--duration",
+        "60s",
+    ]);
+    let (output, _) = run_within(&args, Duration::from_secs(60)).await;
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}): {}", stderr(&output)));
+    assert!(output.status.success(), "{}\n{report}", stderr(&output));
+    assert_eq!(report["stopped_by"], "count", "{report}");
+    assert_eq!(report["connections"]["dropped"], 0, "{report}");
+    assert!(
+        report["errors"]["rate_limited"].as_u64() >= Some(1),
+        "the run was not rate-limited: {report}"
+    );
+    let counts = &report["counts"];
+    assert_eq!(counts["submitted"], 120, "{report}");
+    assert_eq!(
+        counts["completed"].as_u64(),
+        counts["acked"].as_u64(),
+        "an acked task did not complete: {report}"
+    );
+    assert_eq!(
+        counts["acked"]
+            .as_u64()
+            .map(|a| a + report["errors"]["rate_limited"].as_u64().unwrap_or(0)),
+        Some(120),
+        "a submit is neither acked nor refused: {report}"
+    );
+}

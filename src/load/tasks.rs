@@ -11,6 +11,11 @@
 //! is the moment a person watching the session would see it. The server sends a submitter its
 //! `ack` (carrying the task id) before any later event of the session, so the id is always known
 //! by the time its events arrive.
+//!
+//! A submitter that is answered `rate_limited` backs off: it holds for 50 ms (doubling while
+//! refusals go on, to 1 s), then probes with one submit at a time until one is acked. Sending
+//! on into the limit would get it closed for abuse (1008) and the run would measure nothing;
+//! the report then says that what it measured is the limit.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -167,6 +172,14 @@ async fn next_text(ws: &mut Socket, cue: &mut Cue, out: &mut ConnResult) -> Opti
     }
 }
 
+/// Sleeps until `until`, or for ever without one.
+async fn sleep_until_some(until: Option<Instant>) {
+    match until {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn worker_task(ctx: Arc<Ctx>, index: usize, delay: Duration, mut cue: Cue) -> ConnResult {
     let mut out = ConnResult {
         worker: true,
@@ -276,11 +289,29 @@ struct Submitter {
     unacked: HashMap<u64, Instant>,
     /// task id → when it was submitted.
     unfinished: HashMap<String, Instant>,
+    /// After a `rate_limited`, no submit until then: a submitter that kept sending into the
+    /// limit would be closed for abuse (1008) and measure nothing.
+    held_until: Option<Instant>,
+    /// The next hold: doubled by each `rate_limited` in a row, reset by an ack.
+    backoff: Duration,
+    /// Since a `rate_limited` and until an ack: one submit in flight at a time, so a full
+    /// window is not refused at once after each hold.
+    probing: bool,
 }
+
+/// The first hold after a `rate_limited`, and the longest.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
 
 impl Submitter {
     fn outstanding(&self) -> usize {
         self.unacked.len() + self.unfinished.len()
+    }
+
+    /// Whether a `rate_limited` keeps the submitter from sending now: it is holding, or
+    /// probing with a submit in flight.
+    fn held(&self) -> bool {
+        self.held_until.is_some_and(|until| Instant::now() < until)
+            || (self.probing && !self.unacked.is_empty())
     }
 
     async fn submit(&mut self) -> Result<(), Failure> {
@@ -307,6 +338,8 @@ impl Submitter {
                 };
                 self.out.ack.record(sent.elapsed());
                 self.out.acked += 1;
+                self.backoff = BACKOFF.0;
+                self.probing = false;
                 Live::bump(&self.ctx.live.acked);
                 match frame
                     .task
@@ -325,6 +358,11 @@ impl Submitter {
             "error" => {
                 if let Some(r) = frame.ref_number() {
                     self.unacked.remove(&r);
+                }
+                if frame.code.as_deref() == Some("rate_limited") {
+                    self.probing = true;
+                    self.held_until = Some(Instant::now() + self.backoff);
+                    self.backoff = (self.backoff * 2).min(BACKOFF.1);
                 }
                 record(&mut self.out, &self.ctx.live, frame.failure());
             }
@@ -375,6 +413,7 @@ impl Submitter {
             while self.cue.phase() == Phase::Run
                 && self.out.submitted < self.quota
                 && self.outstanding() < self.ctx.window
+                && !self.held()
             {
                 if let Err(failure) = self.submit().await {
                     record_drop(&mut self.out, &self.ctx.live, failure);
@@ -384,7 +423,12 @@ impl Submitter {
             if self.out.dropped.is_some() {
                 break;
             }
-            match next_text(&mut self.ws, &mut self.cue, &mut self.out).await {
+            let hold = self.held_until.filter(|until| Instant::now() < *until);
+            let next = tokio::select! {
+                next = next_text(&mut self.ws, &mut self.cue, &mut self.out) => next,
+                () = sleep_until_some(hold) => Some(None),
+            };
+            match next {
                 Some(Some(text)) => self.on_text(&text),
                 Some(None) => {}
                 None => {
@@ -441,6 +485,9 @@ async fn submitter_task(
         next_ref: 1,
         unacked: HashMap::new(),
         unfinished: HashMap::new(),
+        held_until: None,
+        backoff: BACKOFF.0,
+        probing: false,
     }
     .drive()
     .await
