@@ -118,6 +118,17 @@ fn yjs_load_is_fully_accounted_for_and_converges() {
         let report = load(&args);
         assert_eq!(report["params"]["typing"], typing, "{report}");
         assert_accounted(&report, 6, 120);
+        // Each typing does what it says: runs keep a client's markers together (3 runs in a
+        // document of 3 clients), interleaved appends mix them.
+        let mixed = report["counts"]["adjacent_from_other_clients_pct"].as_u64();
+        eprintln!("{typing}: {mixed:?}% of adjacent markers by different clients");
+        match typing {
+            "runs" => assert!(mixed <= Some(10), "runs that mix: {report}"),
+            _ => assert!(
+                mixed >= Some(50),
+                "interleaved typing that did not mix: {report}"
+            ),
+        }
     }
 }
 

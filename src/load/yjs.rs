@@ -27,11 +27,13 @@
 //! - A `runs` client writes into a document of its own markers only (appending there finds the
 //!   end at once) and applies the same update to its copy of the shared document.
 //! - An `interleaved` client writes the update itself ([`append_after`]): one string item whose
-//!   origin is the newest marker it knows, its own last or the newest one a received update
-//!   brought, found by the marker's stamp. That is the end of the text as this client last saw
-//!   it, which is what a person typing at the end inserts after; concurrent appends after the
-//!   same item are ordered by the CRDT as any are. Every client's Yjs client id is the run's
-//!   base plus its index, so a marker names the item that holds it.
+//!   origin is whatever came last, as this client saw it: the newest marker (by stamp) of
+//!   another client that an update brought since its own last send, or else its own last
+//!   marker. Concurrent appends after the same item are ordered by the CRDT as any are. Every
+//!   client's Yjs client id is the run's base plus its index, so a marker names the item that
+//!   holds it. The report's `adjacent_from_other_clients_pct` (markers next to one of another
+//!   client in the final text) shows the typing did interleave: near 100 here, near 0 for
+//!   `runs`.
 //!
 //! A receiver finds the markers in the update's bytes, where Yjs's v1 encoding keeps inserted
 //! strings as plain UTF-8, rather than by observing its text: a text observer's delta walks the
@@ -171,6 +173,16 @@ struct ClientResult {
     dropped: Option<String>,
     /// Hash and UTF-8 length of the final text.
     text: Option<(u64, usize)>,
+    /// In the final text: adjacent markers, and those of them by different clients.
+    adjacency: (u64, u64),
+}
+
+/// `(pairs of adjacent markers, pairs whose clients differ)` in `text`.
+fn adjacency(text: &str) -> (u64, u64) {
+    let clients: Vec<u32> = markers(text.as_bytes()).map(|(client, _)| client).collect();
+    let pairs = clients.windows(2);
+    let mixed = pairs.clone().filter(|pair| pair[0] != pair[1]).count();
+    (pairs.len() as u64, mixed as u64)
 }
 
 outcome!(ClientResult);
@@ -254,8 +266,8 @@ struct Client {
     text: TextRef,
     /// With `--typing runs`: the document of this client's own markers, where it writes.
     run: Option<(Doc, TextRef)>,
-    /// With `--typing interleaved`: the item of the newest marker this client knows, which it
-    /// appends after; `None` until it has one.
+    /// With `--typing interleaved`: the item it appends after (module docs); `None` until it
+    /// has one.
     tail: Option<ID>,
     ledger: Ledger,
     /// The stamp of this client's last marker: the next is later, even within one µs.
@@ -276,20 +288,24 @@ impl Client {
     }
 
     /// Accounts for the markers an update from the server brings, then applies it. With
-    /// interleaved typing, the item of the update's newest marker becomes the tail.
+    /// interleaved typing, the item of the update's newest marker from another client becomes
+    /// the tail.
     fn apply(&mut self, data: &[u8]) {
         let newest = self.count_markers(data);
         let update = match Update::decode_v1(data) {
             Ok(update) => update,
             Err(err) => return self.error(bad_update(err)),
         };
-        // The sender's last item in this update holds its newest marker.
+        // The sender's last item in this update holds its newest marker. (Not the update's
+        // `state_vector`, which counts only a client's blocks from clock 0.)
         let tail = newest
             .filter(|_| self.ctx.typing == Typing::Interleaved)
             .and_then(|sender| {
                 let client = ClientID::new(self.ctx.client_ids + u64::from(sender));
-                let upper = update.state_vector().get(&client);
-                (upper > 0).then(|| ID::new(client, upper - 1))
+                let inserted = update.insertions(true);
+                let (_, ranges) = inserted.iter().find(|(c, _)| **c == client)?;
+                let end = ranges.iter().map(|range| range.end).max()?;
+                Some(ID::new(client, end.checked_sub(1)?))
             });
         let applied = self.doc.transact_mut().apply_update(update);
         if let Err(err) = applied {
@@ -305,17 +321,20 @@ impl Client {
     }
 
     /// Counts the markers in `data` from other clients, new ones once; returns the client of
-    /// the newest marker in it, whoever's it is.
+    /// the newest of them.
     fn count_markers(&mut self, data: &[u8]) -> Option<u32> {
         let now = now_us();
         let since = self.ctx.run_start_us.load(Ordering::Relaxed);
         let running = self.cue.phase() == Phase::Run;
         let mut newest: Option<(u64, u32)> = None;
         for (client, t) in markers(data) {
+            if client == self.index {
+                continue;
+            }
             if newest.is_none_or(|(latest, _)| t > latest) {
                 newest = Some((t, client));
             }
-            if client == self.index || t < since || !self.ledger.fresh(client, t) {
+            if t < since || !self.ledger.fresh(client, t) {
                 continue;
             }
             self.out.broadcast.record_us(now.saturating_sub(t));
@@ -526,6 +545,7 @@ impl Client {
         ws::close(&mut self.ws).await;
         let text = self.text.get_string(&self.doc.transact());
         self.out.text = Some((fnv1a(&[text.as_bytes()]), text.len()));
+        self.out.adjacency = adjacency(&text);
         self.out
     }
 }
@@ -690,6 +710,14 @@ pub async fn run(args: YjsArgs) -> Result<Report, LoadError> {
     report.count("sent", sent, true);
     report.count("delivered", delivered, true);
     report.count("update_frames_received", updates, false);
+    let (pairs, mixed) = results
+        .iter()
+        .fold((0, 0), |(p, m), r| (p + r.adjacency.0, m + r.adjacency.1));
+    report.count(
+        "adjacent_from_other_clients_pct",
+        (100 * mixed).checked_div(pairs).unwrap_or(0),
+        false,
+    );
     report.latencies.push(("broadcast", broadcast.summary()));
     report.convergence = Some(converge(&shared, &results));
     Ok(report)
