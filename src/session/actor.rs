@@ -160,7 +160,25 @@ pub struct SessionActor {
     relay: Option<Relay>,
     /// As the owner: the subscribers connected through other nodes' relays.
     remote: RemoteClients,
+    /// Yjs updates accepted and not applied yet, in arrival order.
+    yjs_backlog: Vec<QueuedYjsUpdate>,
 }
+
+/// A Yjs client's update, accepted and waiting to be applied with the others that arrive
+/// with it (see [`ApplyYjsBacklog`]).
+struct QueuedYjsUpdate {
+    doc: DocName,
+    actor: log::Actor,
+    conn: ConnId,
+    data: Vec<u8>,
+}
+
+/// Applies the Yjs updates queued since the last time. Sent to itself by the first update of a
+/// backlog, so it runs once the mailbox's queued messages are handled: under load one turn
+/// collects many updates, and each document applies its share in one transaction.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ApplyYjsBacklog;
 
 /// A command from another node, on the session's in channel (as its owner).
 struct FromOtherNode(bytes::Bytes);
@@ -202,6 +220,7 @@ impl SessionActor {
             elsewhere: None,
             relay: None,
             remote,
+            yjs_backlog: Vec::new(),
         }
     }
 
@@ -1205,6 +1224,7 @@ impl Handler<Drain> for SessionActor {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Self::Result {
+        self.apply_yjs_backlog(ctx);
         self.flush(ctx);
         if !self.flushing && self.pending.is_empty() {
             return Box::pin(async {});
@@ -1383,36 +1403,78 @@ impl Handler<YjsUpdate> for SessionActor {
             });
             return;
         }
-        let (doc, actor) = (subscriber.doc.clone(), subscriber.user.actor());
-        let Some(document) = self.docs.get_mut(&doc) else {
-            return;
-        };
+        if self.yjs_backlog.is_empty() {
+            ctx.notify(ApplyYjsBacklog);
+        }
+        self.yjs_backlog.push(QueuedYjsUpdate {
+            doc: subscriber.doc.clone(),
+            actor: subscriber.user.actor(),
+            conn: msg.conn,
+            data: msg.data,
+        });
+    }
+}
+
+impl Handler<ApplyYjsBacklog> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: ApplyYjsBacklog, ctx: &mut Context<Self>) {
+        self.apply_yjs_backlog(ctx);
+    }
+}
+
+impl SessionActor {
+    /// Applies the queued Yjs updates and queues their writes, in arrival order per document.
+    /// With no JSON subscriber, each document's consecutive share is one group (one version,
+    /// one walk of the text: `Document::apply_yjs_updates`). A JSON subscriber gets a `doc`
+    /// frame per change, naming its author, so then each update is a group of its own.
+    fn apply_yjs_backlog(&mut self, ctx: &mut Context<Self>) {
+        let backlog = std::mem::take(&mut self.yjs_backlog);
+        let grouped = self.subscribers.is_empty();
         let max_units = self.registry.deps().limits.max_doc_units;
-        let applied = match document.apply_yjs_update(msg.data, max_units) {
-            Ok(applied) => applied,
-            Err(refusal) => {
-                telemetry::error(refusal.code);
-                tracing::debug!(session = %self.id, doc = %doc, "{}", refusal.message);
-                return;
+        let mut rest = backlog.into_iter().peekable();
+        while let Some(first) = rest.next() {
+            let doc = first.doc.clone();
+            let mut group = vec![first];
+            while grouped && rest.peek().is_some_and(|next| next.doc == doc) {
+                group.extend(rest.next());
             }
-        };
-        self.enqueue_write(
-            PendingWrite {
-                event: None,
-                doc: Some(PendingDocChange {
-                    doc,
-                    version: applied.version,
-                    op: applied.op,
-                    update_committed: true,
-                    yjs_update: Some(applied.update.data.clone()),
-                    update: Some(applied.update),
-                    actor,
-                    origin: Some(msg.conn),
-                }),
-                reply: None,
-            },
-            ctx,
-        );
+            let Some(document) = self.docs.get_mut(&doc) else {
+                continue;
+            };
+            let (authors, data): (Vec<_>, Vec<_>) = group
+                .into_iter()
+                .map(|q| ((q.actor, q.conn), q.data))
+                .unzip();
+            let results = document.apply_yjs_updates(data, max_units);
+            for ((actor, conn), result) in authors.into_iter().zip(results) {
+                let applied = match result {
+                    Ok(applied) => applied,
+                    Err(refusal) => {
+                        telemetry::error(refusal.code);
+                        tracing::debug!(session = %self.id, doc = %doc, "{}", refusal.message);
+                        continue;
+                    }
+                };
+                self.enqueue_write(
+                    PendingWrite {
+                        event: None,
+                        doc: Some(PendingDocChange {
+                            doc: doc.clone(),
+                            version: applied.version,
+                            op: applied.op,
+                            update_committed: true,
+                            yjs_update: Some(applied.update.data.clone()),
+                            update: Some(applied.update),
+                            actor,
+                            origin: Some(conn),
+                        }),
+                        reply: None,
+                    },
+                    ctx,
+                );
+            }
+        }
     }
 }
 

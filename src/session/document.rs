@@ -138,6 +138,55 @@ fn utf16_text(doc: &Doc, text: &TextRef) -> Vec<u16> {
     text.get_string(&doc.transact()).encode_utf16().collect()
 }
 
+/// Refuses an update that does not connect to a document whose state vector is `known`: for
+/// some client, its first block starts past the clock the document has for that client, so it
+/// depends on blocks the server never received. A client of one server never sends one (it sends what it made
+/// after what it was sent), and yrs 0.28 mishandles them: it integrates a GC block out of
+/// order, and the next delete of that client's blocks underflows in its binary search
+/// (`block_store.rs`, found by the `yjs` fuzz target); other blocks wait as pending data
+/// that never completes and only grows.
+///
+/// Likewise for deletes: each must fall within what the document or the update itself
+/// holds, or yrs keeps it as a pending delete set, which it cannot merge back when it
+/// encodes the whole document (a panic in `merge_pending_v1` at compaction, which
+/// `encode_whole` has to catch).
+fn check_connects(known: &StateVector, update: &Update) -> Result<(), Refusal> {
+    let refuse = |what: String| {
+        Err(Refusal::bad_request(format!(
+            "Yjs update does not connect: {what}; resync by state vector"
+        )))
+    };
+    if let Some((client, clock)) = update
+        .state_vector_lower()
+        .iter()
+        .find(|(client, clock)| **clock > known.get(client))
+    {
+        return refuse(format!(
+            "client {client} starts at clock {clock}, the document has it up to {}",
+            known.get(client)
+        ));
+    }
+    let inserted = update.insertions(true);
+    for (client, deleted) in update.delete_set().iter() {
+        let brought = inserted
+            .iter()
+            .find(|(c, _)| *c == client)
+            .map_or(0, |(_, r)| {
+                r.iter().map(|range| range.end).max().unwrap_or(0)
+            });
+        let reach = known.get(client).max(brought);
+        if let Some(range) = deleted
+            .iter()
+            .find(|range| range.end > reach || range.is_empty())
+        {
+            return refuse(format!(
+                "it deletes clocks {range:?} of client {client}, which reach past {reach}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Document {
     /// A document that does not exist yet: version 0, empty.
     pub fn new(name: DocName) -> Self {
@@ -299,90 +348,82 @@ impl Document {
 
     /// Applies an update from a Yjs client. A change to `content` becomes a new version with its
     /// operation in the OT history, so JSON clients can follow and rebase on it.
-    ///
-    /// An update cannot be unapplied, so the size limit is checked before applying, against
-    /// the update's encoded length: it bounds what the update can insert.
     pub fn apply_yjs_update(
         &mut self,
         data: Vec<u8>,
         max_units: u64,
     ) -> Result<AppliedYjsUpdate, Refusal> {
-        let len = u64::from(self.text.len(&self.doc.transact()));
-        if len + data.len() as u64 > max_units {
-            return Err(too_long((len + data.len() as u64) as i64, max_units));
-        }
-        let update = decode_untrusted(&data)
-            .map_err(|e| Refusal::bad_request(format!("undecodable Yjs update: {e}")))?;
-        self.check_connects(&update)?;
+        self.apply_yjs_updates(vec![data], max_units)
+            .pop()
+            .unwrap_or_else(|| Err(Refusal::bad_request("no Yjs update")))
+    }
+
+    /// Applies Yjs clients' updates in one transaction, each checked on its own: one result per
+    /// update, in order. A refused update leaves the document as it was and the others apply.
+    ///
+    /// The text's change is one operation for the whole group, and so one new version: turning
+    /// a transaction into an operation walks the text from its start (yrs's
+    /// `TextEvent::delta`), and with updates that each insert an item of their own (people
+    /// typing at the same end), one walk per update was the node's bottleneck. The group's
+    /// last update carries the version and the operation; the others carry the version before
+    /// it and no operation, so the committed mirror moves only when the whole change is
+    /// committed. Every update is stored with the new version, so that after a crash that kept
+    /// only part of the group, the document's version is one no client has seen the text of,
+    /// and an edit based on the one before must resync.
+    ///
+    /// An update cannot be unapplied, so the size limit is checked before applying, against
+    /// the update's encoded length: it bounds what the update can insert.
+    pub fn apply_yjs_updates(
+        &mut self,
+        updates: Vec<Vec<u8>>,
+        max_units: u64,
+    ) -> Vec<Result<AppliedYjsUpdate, Refusal>> {
         self.take_deltas();
-        self.doc
-            .transact_mut()
-            .apply_update(update)
-            .map_err(|e| Refusal::bad_request(format!("Yjs update did not apply: {e}")))?;
+        let checked: Vec<Result<Vec<u8>, Refusal>> = {
+            let mut txn = self.doc.transact_mut();
+            updates
+                .into_iter()
+                .map(|data| {
+                    let len = u64::from(self.text.len(&txn));
+                    if len + data.len() as u64 > max_units {
+                        return Err(too_long((len + data.len() as u64) as i64, max_units));
+                    }
+                    let update = decode_untrusted(&data).map_err(|e| {
+                        Refusal::bad_request(format!("undecodable Yjs update: {e}"))
+                    })?;
+                    check_connects(&txn.state_vector(), &update)?;
+                    txn.apply_update(update).map_err(|e| {
+                        Refusal::bad_request(format!("Yjs update did not apply: {e}"))
+                    })?;
+                    Ok(data)
+                })
+                .collect()
+        };
         let op = Operation::normalize(self.take_deltas())
             .ok()
             .filter(|op| !op.is_noop());
-        let seq = self.record(op.as_ref());
-        Ok(AppliedYjsUpdate {
-            op,
-            version: self.version,
-            update: DocUpdate {
-                doc: self.name.clone(),
-                seq,
-                version: self.version,
-                data,
-            },
-        })
-    }
-
-    /// Refuses an update that does not connect to the document: for some client, its first
-    /// block starts past the clock the document has for that client, so it depends on blocks
-    /// the server never received. A client of one server never sends one (it sends what it made
-    /// after what it was sent), and yrs 0.28 mishandles them: it integrates a GC block out of
-    /// order, and the next delete of that client's blocks underflows in its binary search
-    /// (`block_store.rs`, found by the `yjs` fuzz target); other blocks wait as pending data
-    /// that never completes and only grows.
-    ///
-    /// Likewise for deletes: each must fall within what the document or the update itself
-    /// holds, or yrs keeps it as a pending delete set, which it cannot merge back when it
-    /// encodes the whole document (a panic in `merge_pending_v1` at compaction, which
-    /// `encode_whole` has to catch).
-    fn check_connects(&self, update: &Update) -> Result<(), Refusal> {
-        let known = self.doc.transact().state_vector();
-        let refuse = |what: String| {
-            Err(Refusal::bad_request(format!(
-                "Yjs update does not connect: {what}; resync by state vector"
-            )))
-        };
-        if let Some((client, clock)) = update
-            .state_vector_lower()
-            .iter()
-            .find(|(client, clock)| **clock > known.get(client))
-        {
-            return refuse(format!(
-                "client {client} starts at clock {clock}, the document has it up to {}",
-                known.get(client)
-            ));
-        }
-        let inserted = update.insertions(true);
-        for (client, deleted) in update.delete_set().iter() {
-            let brought = inserted
-                .iter()
-                .find(|(c, _)| *c == client)
-                .map_or(0, |(_, r)| {
-                    r.iter().map(|range| range.end).max().unwrap_or(0)
-                });
-            let reach = known.get(client).max(brought);
-            if let Some(range) = deleted
-                .iter()
-                .find(|range| range.end > reach || range.is_empty())
-            {
-                return refuse(format!(
-                    "it deletes clocks {range:?} of client {client}, which reach past {reach}"
-                ));
-            }
-        }
-        Ok(())
+        let new_version = self.version + u64::from(op.is_some());
+        let last = checked.iter().rposition(Result::is_ok);
+        let mut op = op;
+        checked
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| {
+                let data = data?;
+                let op = if Some(i) == last { op.take() } else { None };
+                let seq = self.record(op.as_ref());
+                Ok(AppliedYjsUpdate {
+                    op,
+                    version: self.version,
+                    update: DocUpdate {
+                        doc: self.name.clone(),
+                        seq,
+                        version: new_version,
+                        data,
+                    },
+                })
+            })
+            .collect()
     }
 
     /// Whether everything applied in memory is committed.
@@ -581,6 +622,70 @@ mod tests {
             assert_eq!(read(&mut doc), (edit.version, want.clone()));
         }
         assert!(doc.is_settled());
+    }
+
+    /// A Yjs client `id` that has `seen` the given updates appends `s` at the end of its text.
+    fn client_append(id: u64, seen: &[&Vec<u8>], s: &str) -> Vec<u8> {
+        let client = Doc::with_options(Options {
+            client_id: yrs::block::ClientID::new(id),
+            offset_kind: OffsetKind::Utf16,
+            ..Options::default()
+        });
+        let text = client.get_or_insert_text(CONTENT);
+        for update in seen {
+            let decoded = Update::decode_v1(update).unwrap();
+            client.transact_mut().apply_update(decoded).unwrap();
+        }
+        let mut txn = client.transact_mut();
+        text.push(&mut txn, s);
+        txn.encode_update_v1()
+    }
+
+    /// Updates applied as one group make one version and one operation, carried by the last,
+    /// and read as the same text as the updates applied one by one. Every update is stored with
+    /// the group's version. A refused update in the group leaves the others applied, and an
+    /// update that builds on an earlier one of the group connects.
+    #[test]
+    fn a_group_of_yjs_updates_is_one_version() {
+        let a = client_append(1, &[], "a");
+        let b = client_append(2, &[&a], "b");
+        let c = client_append(3, &[&a, &b], "c");
+        // Client 1 again, after b and c: its second update continues its first.
+        let a2 = client_append(1, &[&a, &b, &c], "d");
+        let updates = [&a, &b, &c, &a2];
+
+        let mut one_by_one = Document::new(DocName::parse("main").expect("name"));
+        for update in updates {
+            commit_yjs(&mut one_by_one, update.clone(), "one update");
+        }
+        let read = |doc: &mut Document| {
+            let summary = doc.summary();
+            (summary.version, summary.text)
+        };
+        assert_eq!(read(&mut one_by_one), (4, "abcd".to_owned()));
+
+        let mut grouped = Document::new(DocName::parse("main").expect("name"));
+        let mut group: Vec<Vec<u8>> = updates.iter().map(|u| (*u).clone()).collect();
+        group.insert(2, vec![0xff, 0x01]);
+        let results = grouped.apply_yjs_updates(group, 1 << 20);
+        assert_eq!(results.len(), 5);
+        assert!(results[2].is_err(), "garbage in the group was applied");
+        let applied: Vec<&AppliedYjsUpdate> =
+            results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        let versions: Vec<u64> = applied.iter().map(|a| a.version).collect();
+        assert_eq!(versions, [0, 0, 0, 1]);
+        assert!(applied.iter().all(|a| a.update.version == 1), "{applied:?}");
+        let seqs: Vec<u64> = applied.iter().map(|a| a.update.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert!(applied[..3].iter().all(|a| a.op.is_none()));
+        // Until the last of the group commits, readers see the text before it.
+        for a in &applied[..3] {
+            grouped.committed(a.version, a.op.as_ref());
+            assert_eq!(read(&mut grouped), (0, String::new()));
+        }
+        grouped.committed(applied[3].version, applied[3].op.as_ref());
+        assert!(grouped.is_settled());
+        assert_eq!(read(&mut grouped), (1, "abcd".to_owned()));
     }
 
     /// Applies a Yjs update that must be accepted, and marks it committed.
