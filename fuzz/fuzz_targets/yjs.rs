@@ -1,9 +1,10 @@
 //! Fuzzes the y-websocket side: one binary frame, decoded as `YjsConn` decodes it and handled as
 //! the session actor handles each message, on the server's own `Document`.
 //!
-//! - Sync step 1 is answered with a diff, sync step 2 and updates are applied (and committed),
-//!   awareness updates are applied and relayed, an awareness query is answered; the first
-//!   malformed message ends the frame, as it closes the socket.
+//! - Sync step 1 is answered with a diff, sync step 2 and updates are applied (and committed;
+//!   consecutive ones as one group, `Document::apply_yjs_updates`), awareness updates are applied
+//!   and relayed, an awareness query is answered; the first malformed message ends the frame, as
+//!   it closes the socket.
 //! - The client's awareness states are removed as on disconnect.
 //! - What was accepted survives a restart: reloading the document from the accepted updates, and
 //!   from a compaction snapshot, gives the same text.
@@ -49,17 +50,34 @@ fuzz_target!(|data: &[u8]| {
     let mut doc = Document::new(name.clone());
     let mut accepted = Vec::new();
     let mut clients = Vec::new();
+    // Consecutive updates apply as one group, as a session applies the updates that queued up.
+    let mut group: Vec<Vec<u8>> = Vec::new();
+    let mut apply = |doc: &mut Document, group: &mut Vec<Vec<u8>>| {
+        for applied in doc
+            .apply_yjs_updates(std::mem::take(group), max)
+            .into_iter()
+            .flatten()
+        {
+            doc.committed(applied.version, applied.op.as_ref());
+            yjs::update(applied.update.data.clone());
+            accepted.push(applied.update);
+        }
+    };
     for message in yjs::decode(data) {
+        if !matches!(
+            message,
+            Ok(Message::Sync(
+                SyncMessage::SyncStep2(_) | SyncMessage::Update(_)
+            ))
+        ) {
+            apply(&mut doc, &mut group);
+        }
         match message {
             Ok(Message::Sync(SyncMessage::SyncStep1(sv))) => {
                 yjs::sync_step2(doc.diff(&sv));
             }
             Ok(Message::Sync(SyncMessage::SyncStep2(update) | SyncMessage::Update(update))) => {
-                if let Ok(applied) = doc.apply_yjs_update(update, max) {
-                    doc.committed(applied.version, applied.op.as_ref());
-                    yjs::update(applied.update.data.clone());
-                    accepted.push(applied.update);
-                }
+                group.push(update);
             }
             Ok(Message::Awareness(update)) => {
                 clients.extend(update.clients.keys().copied());
@@ -76,6 +94,7 @@ fuzz_target!(|data: &[u8]| {
             Err(_) => break,
         }
     }
+    apply(&mut doc, &mut group);
     for client in &clients {
         doc.remove_awareness(*client);
     }

@@ -399,12 +399,11 @@ impl Document {
                 })
                 .collect()
         };
-        let op = Operation::normalize(self.take_deltas())
+        let mut op = Operation::normalize(self.take_deltas())
             .ok()
             .filter(|op| !op.is_noop());
         let new_version = self.version + u64::from(op.is_some());
         let last = checked.iter().rposition(Result::is_ok);
-        let mut op = op;
         checked
             .into_iter()
             .enumerate()
