@@ -162,7 +162,17 @@ pub struct SessionActor {
     remote: RemoteClients,
     /// Yjs updates accepted and not applied yet, in arrival order.
     yjs_backlog: Vec<QueuedYjsUpdate>,
+    /// The earliest the next backlog applies (see [`YJS_PACING`]).
+    yjs_not_before: Option<Instant>,
 }
+
+/// After a Yjs backlog whose documents took `t` to apply, the next waits until `YJS_PACING × t`
+/// has passed. Applying walks the document's text once per group, however many updates the group
+/// holds; without a pause, a large document under steady typing is walked for nearly every
+/// update and the walks fill the arbiter's thread. Pausing three times as long as the walk
+/// keeps walks to a quarter of the thread and lets the groups grow, at a delay of a few walks:
+/// microseconds for a small document.
+const YJS_PACING: u32 = 3;
 
 /// A Yjs client's update, accepted and waiting to be applied with the others that arrive
 /// with it (see [`ApplyYjsBacklog`]).
@@ -221,6 +231,7 @@ impl SessionActor {
             relay: None,
             remote,
             yjs_backlog: Vec::new(),
+            yjs_not_before: None,
         }
     }
 
@@ -1404,7 +1415,15 @@ impl Handler<YjsUpdate> for SessionActor {
             return;
         }
         if self.yjs_backlog.is_empty() {
-            ctx.notify(ApplyYjsBacklog);
+            match self
+                .yjs_not_before
+                .map(|t| t.saturating_duration_since(Instant::now()))
+            {
+                Some(wait) if !wait.is_zero() => {
+                    ctx.notify_later(ApplyYjsBacklog, wait);
+                }
+                _ => ctx.notify(ApplyYjsBacklog),
+            }
         }
         self.yjs_backlog.push(QueuedYjsUpdate {
             doc: subscriber.doc.clone(),
@@ -1429,6 +1448,10 @@ impl SessionActor {
     /// one walk of the text: `Document::apply_yjs_updates`). A JSON subscriber gets a `doc`
     /// frame per change, naming its author, so then each update is a group of its own.
     fn apply_yjs_backlog(&mut self, ctx: &mut Context<Self>) {
+        if self.yjs_backlog.is_empty() {
+            return;
+        }
+        let mut applying = Duration::ZERO;
         let backlog = std::mem::take(&mut self.yjs_backlog);
         let grouped = self.subscribers.is_empty();
         let max_units = self.registry.deps().limits.max_doc_units;
@@ -1446,7 +1469,9 @@ impl SessionActor {
                 .into_iter()
                 .map(|q| ((q.actor, q.conn), q.data))
                 .unzip();
+            let started = Instant::now();
             let results = document.apply_yjs_updates(data, max_units);
+            applying += started.elapsed();
             for ((actor, conn), result) in authors.into_iter().zip(results) {
                 let applied = match result {
                     Ok(applied) => applied,
@@ -1475,6 +1500,7 @@ impl SessionActor {
                 );
             }
         }
+        self.yjs_not_before = Some(Instant::now() + applying * YJS_PACING);
     }
 }
 
