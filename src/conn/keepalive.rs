@@ -103,14 +103,15 @@ pub fn ping_if_alive(
 async fn tick(every: Duration, mut stopping: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Told once: after that (or if the node is gone) only the interval wakes the ticker.
+    // The flag is only ever set, so a change is the node stopping; it is told once, and after
+    // that (or once the node is gone) only the interval wakes the ticker.
     let mut told = *stopping.borrow();
     loop {
         let beat = tokio::select! {
             _ = interval.tick() => Beat::Due,
             changed = stopping.changed(), if !told => {
-                told = changed.is_err() || *stopping.borrow_and_update();
-                if changed.is_err() || !told {
+                told = true;
+                if changed.is_err() {
                     continue;
                 }
                 Beat::NodeStopping
