@@ -29,6 +29,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long shutdown waits for sessions to flush their last batch.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long shutdown waits for the store's last queries.
+const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Connections the kernel queues before they are accepted: a load test opens thousands at once.
 const ACCEPT_BACKLOG: u32 = 2048;
 
@@ -263,6 +266,14 @@ impl RunningServer {
         self.node.registry.release_all().await;
         self.node.scheduler.begin_shutdown();
         self.node.councils.begin_shutdown();
+        // A socket cut after `CLOSE_TIMEOUT` leaves its session now, and that commit may still
+        // be running: wait for it before the runtimes that hold it are dropped.
+        if tokio::time::timeout(STORE_CLOSE_TIMEOUT, self.node.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("store work still running after {STORE_CLOSE_TIMEOUT:?}; cutting it");
+        }
         for arbiter in &self.arbiters {
             arbiter.stop();
         }

@@ -177,3 +177,53 @@ async fn sigterm_on_an_idle_node_exits_0_promptly() {
         .unwrap_or_else(|| panic!("no exit within 5 s of SIGTERM\n{}", server.log()));
     assert_eq!(status.code(), Some(0), "{status}\n{}", server.log());
 }
+
+/// A client that stopped reading cannot take its close frame, so shutdown cuts it after its
+/// grace. Its departure is then among the node's last session writes, which may still be
+/// running while the process winds down: the node waits for the store's last queries rather
+/// than drop one mid-flight (which panicked inside the store's connection pool, once), and the
+/// departure is in the log after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_client_that_stopped_reading_exits_cleanly() {
+    let data = tempfile::tempdir().expect("data dir");
+    let args: Vec<OsString> = data_dir_args(data.path())
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let mut server = spawn_binary(&args, &[]).await;
+    let session = "backed-up";
+    let mut stuck = WsClient::connect_small_window(server.addr, &server.ws_url(), 4096).await;
+    stuck.hello("stuck").await;
+    stuck.join(session, None, None).await;
+    // About three megabytes of broadcasts: more than the socket buffers hold, less than the
+    // outbound queue allows, so the stuck client is backed up but not dropped as slow.
+    let mut writer = WsClient::connect_hello(&server.ws_url(), "writer").await;
+    writer.join(session, None, None).await;
+    let text = "x".repeat(32 << 10);
+    for _ in 0..96 {
+        writer.chat(session, &text).await;
+    }
+    server.sigterm();
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| panic!("no exit within 15 s of SIGTERM\n{}", server.log()));
+    let log = server.log();
+    assert!(
+        log.contains("some sockets had not closed"),
+        "the stuck client took its close frame, so this test did not cut a socket\n{log}"
+    );
+    assert_eq!(status.code(), Some(0), "{status}\n{log}");
+    assert!(!log.contains("panicked"), "a panic during shutdown\n{log}");
+    drop(stuck);
+    drop(server);
+    let server = spawn_binary(&args, &[]).await;
+    // The cut client's departure was committed before the node exited.
+    let log = all_events(&server.http_url(), session).await;
+    assert_gap_free(&log, 1);
+    assert!(
+        log.iter()
+            .any(|e| e["kind"] == "member.left" && e["actor"]["name"] == "stuck"),
+        "the cut client's departure is not in the log"
+    );
+}

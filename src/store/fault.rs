@@ -109,6 +109,10 @@ impl Store for FaultyStore {
         self.inner.ping().await
     }
 
+    async fn close(&self) {
+        self.inner.close().await
+    }
+
     async fn create_session(
         &self,
         id: &SessionId,

@@ -118,6 +118,11 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Closes the store at shutdown: waits until every connection in use has come back, then
+    /// closes them all, and every later call fails. A query still running when the runtimes
+    /// drop would be dropped mid-flight, with no runtime left to hand its connection back to.
+    async fn close(&self);
+
     /// Creates a session. `None` if one with this id exists already.
     async fn create_session(
         &self,

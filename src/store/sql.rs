@@ -413,6 +413,11 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn close(&self) {
+                self.pool.close().await;
+                self.writer.close().await;
+            }
+
             async fn create_session(
                 &self,
                 id: &SessionId,
