@@ -3,6 +3,9 @@
 #   docker run -p 127.0.0.1:8080:8080 -e CONCLAVE_JWT_SECRET=... conclave
 # Migrations and the web page are compiled into the binary; nothing else is needed at run time.
 FROM rust:1.95-slim-bookworm AS build
+# jemalloc, the binary's allocator, is built from source with make.
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src

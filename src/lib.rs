@@ -10,7 +10,6 @@ pub mod conn;
 pub mod council;
 pub mod http;
 pub mod load;
-pub mod memory;
 pub mod node;
 pub mod protocol;
 pub mod server;

@@ -11,6 +11,33 @@ use conclave::protocol::Role;
 use conclave::store::{self, StoreLocation};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc rather than glibc's allocator. A wave of joins writes a broadcast to every member
+/// and frees it; glibc kept those pages in its arenas, between the long-lived state of the
+/// sockets that joined, so a node's idle memory per socket grew with the size of its sessions
+/// (4.6–4.8 KiB a socket at 19,000 sockets in 100 sessions against 3.8 KiB at 5,000; 3.5 KiB
+/// at both with jemalloc). Throughput was unchanged and tail latency lower in A/B runs.
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read once at start-up from this symbol (a C `const char *`); the
+/// `_RJEM_MALLOC_CONF` environment variable overrides them. Freed pages go back to the kernel
+/// after a second (`dirty_decay_ms`), purged by jemalloc's own thread, and at once rather than
+/// lazily (`muzzy_decay_ms:0`): lazily freed pages (`MADV_FREE`) still count as resident until
+/// the kernel runs short, which reads as a leak to anyone watching the node's memory.
+#[cfg(all(unix, not(target_env = "musl")))]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static ALLOCATOR_OPTIONS: AllocatorOptions =
+    AllocatorOptions(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
+/// A C string pointer that may sit in a `static`.
+#[repr(transparent)]
+struct AllocatorOptions(*const std::ffi::c_char);
+
+// SAFETY: the pointer is to a string literal, which lives for the whole program and is never
+// written.
+unsafe impl Sync for AllocatorOptions {}
+
 #[derive(Parser)]
 #[command(
     name = "conclave",

@@ -142,10 +142,6 @@ pub async fn start_with_store(
         stopping: crate::node::Stopping::default(),
     });
 
-    actix::spawn(crate::memory::trim_after_churn(
-        node.registry.clone(),
-        node.sockets.clone(),
-    ));
     let bind_error = |source| ServerError::Bind {
         addr: config.bind,
         source,

@@ -15,7 +15,7 @@ use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -88,45 +88,31 @@ pub fn split(io: TcpStream, leftover: BytesMut, max_message: usize) -> Upgraded 
 /// The count of a node's open WebSockets. actix-server stops counting a connection once its
 /// upgrade is handed over, so the node bounds its sockets itself.
 #[derive(Default, Clone)]
-pub struct OpenSockets(Arc<SocketCounts>);
-
-#[derive(Default)]
-struct SocketCounts {
-    open: AtomicUsize,
-    /// Sockets opened plus sockets closed, ever: the memory trimmer watches it for churn.
-    changes: AtomicU64,
-}
+pub struct OpenSockets(Arc<AtomicUsize>);
 
 /// One open socket, counted until it is dropped.
-pub struct SocketPermit(Arc<SocketCounts>);
+pub struct SocketPermit(Arc<AtomicUsize>);
 
 impl OpenSockets {
     /// Counts one more socket, unless `max` are open already.
     pub fn open(&self, max: usize) -> Option<SocketPermit> {
         self.0
-            .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
                 (open < max).then_some(open + 1)
             })
             .ok()?;
-        self.0.changes.fetch_add(1, Ordering::Relaxed);
         Some(SocketPermit(self.0.clone()))
-    }
-
-    pub fn changes(&self) -> u64 {
-        self.0.changes.load(Ordering::Relaxed)
     }
 
     /// Sockets open now: counted until each one's writer has finished (its close frame sent).
     pub fn open_now(&self) -> usize {
-        self.0.open.load(Ordering::Acquire)
+        self.0.load(Ordering::Acquire)
     }
 }
 
 impl Drop for SocketPermit {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.changes.fetch_add(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -48,8 +48,6 @@ pub struct SessionRegistry {
     arbiters: Vec<ArbiterHandle>,
     hasher: std::collections::hash_map::RandomState,
     next_generation: AtomicU64,
-    /// Sessions retired since start, for the memory trimmer.
-    retired: AtomicU64,
     /// Recent crashes per session, to back off and give up on a crash loop.
     crashes: CrashLoop<SessionId>,
     deps: Arc<SessionDeps>,
@@ -63,7 +61,6 @@ impl SessionRegistry {
             arbiters,
             hasher: Default::default(),
             next_generation: AtomicU64::new(1),
-            retired: AtomicU64::new(0),
             crashes: CrashLoop::new("session"),
             deps: Arc::new(deps),
         })
@@ -126,14 +123,8 @@ impl SessionRegistry {
             .remove_if(id, |_, live| live.generation == generation)
             .is_some()
         {
-            self.retired.fetch_add(1, Ordering::Relaxed);
             telemetry::session_retired();
         }
-    }
-
-    /// How many sessions have been retired (passivated, archived or failed) since start.
-    pub fn retired_total(&self) -> u64 {
-        self.retired.load(Ordering::Relaxed)
     }
 
     /// Stops restarting crashed sessions: the node is shutting down.
