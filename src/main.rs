@@ -14,8 +14,8 @@ use tracing_subscriber::EnvFilter;
 /// jemalloc rather than glibc's allocator. A wave of joins writes a broadcast to every member
 /// and frees it; glibc kept those pages in its arenas, between the long-lived state of the
 /// sockets that joined, so a node's idle memory per socket grew with the size of its sessions
-/// (4.6–4.8 KiB a socket at 19,000 sockets in 100 sessions against 3.8 KiB at 5,000; 3.5 KiB
-/// at both with jemalloc). Throughput was unchanged and tail latency lower in A/B runs.
+/// (4.8–5.5 KiB a socket at 19,000 sockets in 100 sessions against 3.7 KiB at 5,000; 3.4–3.5
+/// KiB at both with jemalloc). Throughput was unchanged and tail latency lower in A/B runs.
 #[cfg(all(unix, not(target_env = "musl")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -31,11 +31,13 @@ static ALLOCATOR_OPTIONS: AllocatorOptions =
     AllocatorOptions(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
 /// A C string pointer that may sit in a `static`.
+#[cfg(all(unix, not(target_env = "musl")))]
 #[repr(transparent)]
 struct AllocatorOptions(*const std::ffi::c_char);
 
 // SAFETY: the pointer is to a string literal, which lives for the whole program and is never
 // written.
+#[cfg(all(unix, not(target_env = "musl")))]
 unsafe impl Sync for AllocatorOptions {}
 
 #[derive(Parser)]
