@@ -611,7 +611,7 @@ async fn bad_council_requests_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_council_resumes_after_kill_9_and_decides() {
     let data = tempfile::tempdir().expect("data dir");
-    let args: Vec<String> = common::data_dir_args(data.path());
+    let args = common::data_dir_args(data.path());
     let mut server = common::spawn_binary(&args, &[]).await;
     let base = server.http_url();
     let session = new_session(&base, "resume").await;

@@ -29,10 +29,7 @@ async fn doc_until(
 
 async fn yjs_updates_survive_kill_9(extra: &[OsString]) {
     let data = tempfile::tempdir().expect("data dir");
-    let mut args: Vec<OsString> = data_dir_args(data.path())
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let mut args = data_dir_args(data.path());
     args.extend(["--doc-compact-every".into(), "4".into()]);
     args.extend(extra.iter().cloned());
     let mut server = spawn_binary(&args, &[]).await;
@@ -85,10 +82,7 @@ async fn yjs_updates_survive_kill_9_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_keeps_the_content_identical() {
     let data = tempfile::tempdir().expect("data dir");
-    let mut args: Vec<OsString> = data_dir_args(data.path())
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let mut args = data_dir_args(data.path());
     args.extend(["--doc-compact-every".into(), "5".into()]);
     let server = spawn_binary(&args, &[]).await;
     let base = server.http_url();
@@ -170,10 +164,7 @@ async fn live_sessions(base: &str) -> u64 {
 async fn passivation_gives_memory_back() {
     const SESSIONS: usize = 10_000;
     let data = tempfile::tempdir().expect("data dir");
-    let mut args: Vec<OsString> = data_dir_args(data.path())
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let mut args = data_dir_args(data.path());
     // Long enough that every touched session is live at once, short enough for a test.
     args.extend(["--idle-timeout-s".into(), "20".into()]);
     let server = spawn_binary(&args, &[]).await;

@@ -191,10 +191,7 @@ async fn verify_after_restart(server: &BinaryServer, session: &str, outcome: &Ou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acked_chat_sqlite() {
     let data = tempfile::tempdir().expect("data dir");
-    let args: Vec<OsString> = data_dir_args(data.path())
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let args = data_dir_args(data.path());
     let session = "durable-sqlite";
     let mut server = spawn_binary(&args, &[]).await;
     let outcome = fire_and_kill(&mut server, session).await;
@@ -208,10 +205,7 @@ async fn kill_9_loses_no_acked_chat_postgres() {
     let db = PgDatabase::create();
     // A data dir of its own, so that nothing can fall back to a shared SQLite file.
     let data = tempfile::tempdir().expect("data dir");
-    let mut args: Vec<OsString> = data_dir_args(data.path())
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let mut args = data_dir_args(data.path());
     args.push("--database-url".into());
     args.push(db.url.clone().into());
     let session = "durable-postgres";
@@ -346,10 +340,7 @@ async fn verify_doc_after_restart(
 
 async fn kill_9_loses_no_acked_edit(extra: &[OsString]) {
     let data = tempfile::tempdir().expect("data dir");
-    let mut args: Vec<OsString> = data_dir_args(data.path())
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let mut args = data_dir_args(data.path());
     // Compact often, so that loading goes through a snapshot and the updates after it.
     args.extend(["--doc-compact-every".into(), "10".into()]);
     args.extend(extra.iter().cloned());

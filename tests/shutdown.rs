@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -17,11 +16,6 @@ use serde_json::json;
 /// Chats streamed while the node shuts down.
 const STREAM: usize = 1000;
 
-/// The arguments of a node keeping its data in `dir`, so a restart finds it.
-fn node_args(dir: &std::path::Path) -> Vec<OsString> {
-    data_dir_args(dir).into_iter().map(Into::into).collect()
-}
-
 fn sent_total() -> usize {
     20 + STREAM
 }
@@ -29,7 +23,7 @@ fn sent_total() -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_0_keeping_every_acked_chat() {
     let data = tempfile::tempdir().expect("data dir");
-    let args = node_args(data.path());
+    let args = data_dir_args(data.path());
     let session = "graceful";
     let mut server = spawn_binary(&args, &[]).await;
 
@@ -126,7 +120,7 @@ async fn sigterm_drains_and_exits_0_keeping_every_acked_chat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_an_idle_node_exits_0_promptly() {
     let data = tempfile::tempdir().expect("data dir");
-    let args = node_args(data.path());
+    let args = data_dir_args(data.path());
     let mut server = spawn_binary(&args, &[]).await;
     // Open, idle sockets of every kind must not hold the process, and each is told why it
     // ends: a close frame with 1001 (going away), not a reset.
@@ -185,7 +179,7 @@ async fn sigterm_on_an_idle_node_exits_0_promptly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_client_that_stopped_reading_exits_cleanly() {
     let data = tempfile::tempdir().expect("data dir");
-    let args = node_args(data.path());
+    let args = data_dir_args(data.path());
     let mut server = spawn_binary(&args, &[]).await;
     let session = "backed-up";
     let mut stuck = WsClient::connect_small_window(server.addr, &server.ws_url(), 4096).await;

@@ -17,10 +17,7 @@ const TASKS: usize = 20;
 
 async fn tasks_survive_kill_9(extra: &[OsString]) {
     let data = tempfile::tempdir().expect("data dir");
-    let mut args: Vec<OsString> = data_dir_args(data.path())
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let mut args = data_dir_args(data.path());
     // One-second heartbeats: a dead node's leases lapse after three seconds.
     for arg in ["--worker-heartbeat-s", "1", "--task-retry-base-ms", "20"] {
         args.push(arg.into());

@@ -958,9 +958,10 @@ impl Drop for BinaryServer {
     }
 }
 
-/// The data dir argument for a SQLite binary.
-pub fn data_dir_args(dir: &Path) -> Vec<String> {
-    vec!["--data-dir".into(), dir.display().to_string()]
+/// The arguments of a binary node keeping its SQLite data in `dir`, so a restart finds it;
+/// callers add their own after them.
+pub fn data_dir_args(dir: &Path) -> Vec<std::ffi::OsString> {
+    vec!["--data-dir".into(), dir.as_os_str().to_owned()]
 }
 
 /// The JWT secret of test nodes that need tokens (e.g. for an admin).
