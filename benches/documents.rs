@@ -1,9 +1,10 @@
-//! Document micro-benches: a JSON edit rebased and applied on a 100 KiB document, and a Yjs
-//! update applied and re-encoded for the broadcast.
+//! Document micro-benches: a JSON edit rebased and applied on a 100 KiB document, a Yjs
+//! update applied and re-encoded for the broadcast, and Yjs updates applied and committed to a
+//! 4 MiB document.
 //!
 //!     cargo bench --bench documents
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use conclave::protocol::DocName;
 use conclave::session::document::Document;
@@ -15,12 +16,16 @@ use yrs::{Doc, GetString, OffsetKind, Options, StateVector, Text, Transact, Upda
 
 const DOC_BYTES: usize = 100 * 1024;
 
-fn big_text() -> String {
+fn text_of(chars: usize) -> String {
     "Lorem ipsum dolor sit amet, consectetur adipiscing elit 😀. "
         .chars()
         .cycle()
-        .take(DOC_BYTES)
+        .take(chars)
         .collect()
+}
+
+fn big_text() -> String {
+    text_of(DOC_BYTES)
 }
 
 /// A document holding ~100 KiB, with `history` recent versions to rebase over.
@@ -127,5 +132,86 @@ fn yjs_updates(c: &mut Criterion) {
     assert!(client_text.get_string(&client.transact()).contains("typed"));
 }
 
-criterion_group!(benches, json_edits, yjs_updates);
+/// What a Yjs update costs a large document once committed: applied, then the committed text
+/// (what `joined` and REST show) moved by its operation. Ten writers each type on at the end of
+/// a run of their own, spread through 4 MiB of text, as in `conclave load yjs`. With the
+/// committed text in a flat buffer, commits copied the whole document every few hundred
+/// updates, a cost that grew with the document.
+fn committed_yjs_updates(c: &mut Criterion) {
+    const CHARS: u32 = 4 * 1024 * 1024;
+    const WRITERS: u32 = 10;
+    const MARKER: &str = "<17:1733500000000000>";
+    let mut seed = Document::new(DocName::parse("bench").expect("valid name"));
+    let first = seed
+        .edit(
+            0,
+            vec![Component::Insert(text_of(CHARS as usize))],
+            u64::MAX,
+        )
+        .expect("initial insert")
+        .expect("a change");
+    seed.committed(first.version, Some(&first.op));
+    let snapshot = seed.diff(&StateVector::default());
+    let synced = |client_id: u64| {
+        let doc = Doc::with_options(Options {
+            client_id: yrs::block::ClientID::new(client_id),
+            offset_kind: OffsetKind::Utf16,
+            ..Options::default()
+        });
+        doc.transact_mut()
+            .apply_update(Update::decode_v1(&snapshot).expect("snapshot decodes"))
+            .expect("snapshot applies");
+        let text = doc.get_or_insert_text("content");
+        (doc, text)
+    };
+    // A writer sees the snapshot and its own run only, which is all it needs to append to it.
+    let writers: Vec<_> = (0..WRITERS).map(|w| synced(1000 + u64::from(w))).collect();
+    let (observer, observer_text) = synced(999);
+    let mut typed = vec![0u32; WRITERS as usize];
+    let mut next = 0usize;
+    let mut doc = seed;
+    let mut group = c.benchmark_group("yjs_commit_4MiB");
+    group
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1));
+    group.bench_function("apply_and_commit", |b| {
+        b.iter_custom(|iters| {
+            // The writers' updates are made first, so that only the node's work is timed.
+            let updates: Vec<Vec<u8>> = (0..iters)
+                .map(|_| {
+                    let w = next % WRITERS as usize;
+                    next += 1;
+                    let (writer, text) = &writers[w];
+                    let mut txn = writer.transact_mut();
+                    let at = CHARS / WRITERS * w as u32 + typed[w];
+                    text.insert(&mut txn, at, MARKER);
+                    typed[w] += MARKER.len() as u32;
+                    txn.encode_update_v1()
+                })
+                .collect();
+            let start = Instant::now();
+            for update in &updates {
+                let applied = doc
+                    .apply_yjs_update(update.clone(), u64::MAX)
+                    .expect("applies");
+                doc.committed(applied.version, applied.op.as_ref());
+            }
+            let elapsed = start.elapsed();
+            let mut txn = observer.transact_mut();
+            for update in updates {
+                txn.apply_update(Update::decode_v1(&update).expect("decodes"))
+                    .expect("applies");
+            }
+            elapsed
+        });
+    });
+    group.finish();
+    assert_eq!(
+        doc.summary().text,
+        observer_text.get_string(&observer.transact()),
+        "the committed text is every writer's"
+    );
+}
+
+criterion_group!(benches, json_edits, yjs_updates, committed_yjs_updates);
 criterion_main!(benches);

@@ -135,7 +135,9 @@ pub struct SessionActor {
     presence_dirty: Vec<ConnId>,
     presence_timer: Option<SpawnHandle>,
     last_presence_broadcast: Option<Instant>,
-    pending: Vec<PendingWrite>,
+    /// Writes not yet committed, oldest first. A deque: each flush takes its batch off the
+    /// front of what can be a long backlog, which shifted the rest of a `Vec` every time.
+    pending: VecDeque<PendingWrite>,
     flush_timer: Option<SpawnHandle>,
     flushing: bool,
     drain_waiters: Vec<oneshot::Sender<()>>,
@@ -216,7 +218,7 @@ impl SessionActor {
             presence_dirty: Vec::new(),
             presence_timer: None,
             last_presence_broadcast: None,
-            pending: Vec::new(),
+            pending: VecDeque::new(),
             flush_timer: None,
             flushing: false,
             drain_waiters: Vec::new(),
@@ -362,7 +364,7 @@ impl SessionActor {
         if write.doc.as_ref().is_some_and(|d| d.update.is_some()) {
             self.doc_writes_accepted += 1;
         }
-        self.pending.push(write);
+        self.pending.push_back(write);
         self.last_activity = Instant::now();
         if self.flushing {
             // The batch in flight flushes this one as soon as it completes.
@@ -543,12 +545,14 @@ impl SessionActor {
     ) {
         tracing::warn!(session = %self.id, %err, count = batch.len(), "commit failed; nothing acked");
         if matches!(err, StoreError::Deposed) {
-            self.pending.splice(0..0, batch);
+            for write in batch.into_iter().rev() {
+                self.pending.push_front(write);
+            }
             return self.deposed(ctx);
         }
         let mut refused: Vec<PendingWrite> = batch;
         if had_updates {
-            refused.append(&mut self.pending);
+            refused.extend(self.pending.drain(..));
         }
         for reply in refused.into_iter().filter_map(|w| w.reply) {
             reply.refuse(Refusal::storage_unavailable());
@@ -657,8 +661,8 @@ impl SessionActor {
         true
     }
 
-    fn doc_list(&mut self) -> Vec<DocSummary> {
-        self.docs.values_mut().map(Document::summary).collect()
+    fn doc_list(&self) -> Vec<DocSummary> {
+        self.docs.values().map(Document::summary).collect()
     }
 
     /// Compacts every document with at least `threshold` updates since its snapshot.
@@ -1561,7 +1565,7 @@ impl Handler<ReadDoc> for SessionActor {
         if !self.loaded {
             return Err(self.unserved());
         }
-        Ok(self.docs.get_mut(&msg.doc).map_or_else(
+        Ok(self.docs.get(&msg.doc).map_or_else(
             || DocSummary {
                 name: msg.doc.to_string(),
                 version: 0,

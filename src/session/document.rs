@@ -200,7 +200,7 @@ impl Document {
             version: 0,
             next_seq: 1,
             history: VecDeque::new(),
-            mirror: Mirror::new(Vec::new()),
+            mirror: Mirror::new(""),
             committed_version: 0,
             uncommitted: 0,
             snapshot_seq: 0,
@@ -223,7 +223,7 @@ impl Document {
                 txn.apply_update(update).map_err(|e| fail(e.to_string()))?;
             }
         }
-        let mirror = Mirror::new(utf16_text(&doc, &text));
+        let mirror = Mirror::new(&text.get_string(&doc.transact()));
         deltas.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let version = stored.version();
         Ok(Self {
@@ -290,7 +290,8 @@ impl Document {
         op.check(&current)
             .map_err(|e| Refusal::bad_request(e.to_string()))?;
         let new_len = current.len() as i64 + op.len_delta();
-        if new_len > max_units as i64 {
+        // A limit past `i64::MAX` (none, in effect) must not wrap to a negative one.
+        if new_len > i64::try_from(max_units).unwrap_or(i64::MAX) {
             return Err(too_long(new_len, max_units));
         }
         if op.is_noop() {
@@ -486,13 +487,14 @@ impl Document {
             // strings allow) is healed from it here.
             let units = u64::from(self.text.len(&self.doc.transact()));
             if !self.mirror.agrees_with(units) {
-                self.mirror.reset(utf16_text(&self.doc, &self.text));
+                self.mirror
+                    .reset(&self.text.get_string(&self.doc.transact()));
             }
         }
     }
 
     /// The committed state, as `joined` and REST show it.
-    pub fn summary(&mut self) -> DocSummary {
+    pub fn summary(&self) -> DocSummary {
         DocSummary {
             name: self.name.to_string(),
             version: self.committed_version,
@@ -593,9 +595,24 @@ mod tests {
         assert_eq!(doc.summary().text, "");
     }
 
+    /// The size limit refuses what passes it and nothing else, whatever its value: a limit
+    /// past `i64::MAX` once wrapped to a negative one and refused every edit.
+    #[test]
+    fn the_size_limit_holds_at_both_ends() {
+        let mut doc = Document::new(DocName::parse("main").expect("name"));
+        let refused = doc
+            .edit(0, vec![Component::Insert("abcd".into())], 3)
+            .expect_err("4 units over a limit of 3");
+        assert_eq!(refused.code, ErrorCode::TooLarge);
+        for limit in [4, u64::MAX] {
+            let mut doc = Document::new(DocName::parse("main").expect("name"));
+            let edit = doc.edit(0, vec![Component::Insert("abcd".into())], limit);
+            assert!(matches!(edit, Ok(Some(_))), "limit {limit}: {edit:?}");
+        }
+    }
+
     /// Readers see committed changes only, in order: with later edits applied but not yet
-    /// committed, the summary is the text as of the last commit, though the mirror composes
-    /// the commits and applies them only when read.
+    /// committed, the summary is the text as of the last commit.
     #[test]
     fn the_summary_shows_only_committed_changes() {
         let mut doc = Document::new(DocName::parse("main").expect("name"));
@@ -858,7 +875,7 @@ mod tests {
         // It used to be accepted and held pending; it does not connect, so it is refused now.
         assert_eq!(accepted, 0, "the fuzzer's update was accepted");
         let snapshot = doc.begin_compaction().expect("a settled document compacts");
-        let mut reloaded = Document::load(StoredDoc {
+        let reloaded = Document::load(StoredDoc {
             name,
             snapshot: Some(snapshot),
             updates: Vec::new(),

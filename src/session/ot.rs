@@ -121,21 +121,37 @@ impl Operation {
 
     /// Checks that the operation fits `text` and cuts no surrogate pair.
     pub fn check(&self, text: &[u16]) -> Result<(), OtError> {
-        let len = text.len() as u64;
+        self.check_against(text.len() as u64, |at| between_code_points(text, at))
+    }
+
+    /// [`Operation::check`] for a text held some other way: `len` UTF-16 units long, with
+    /// `is_boundary(at)` telling whether offset `at` falls between two code points.
+    pub fn check_against(
+        &self,
+        len: u64,
+        is_boundary: impl Fn(u64) -> bool,
+    ) -> Result<(), OtError> {
         let needed = self.reach();
         if needed > len {
             return Err(OtError::OutOfRange { needed, len });
         }
+        let boundary = |at| {
+            if is_boundary(at) {
+                Ok(())
+            } else {
+                Err(OtError::SplitsSurrogate(at))
+            }
+        };
         let mut cursor = 0u64;
         for component in &self.components {
-            check_boundary(text, cursor)?;
+            boundary(cursor)?;
             if let Component::Retain(n) | Component::Delete(n) = component {
                 cursor += n;
             }
         }
-        check_boundary(text, cursor)?;
+        boundary(cursor)?;
         // Where a dropped final retain ended must be a boundary too.
-        check_boundary(text, needed)
+        boundary(needed)
     }
 
     /// Applies the operation to UTF-16 text.
@@ -170,17 +186,13 @@ fn base_len(components: &[Component]) -> u64 {
 }
 
 /// Is `at` between two code points (not inside a surrogate pair)?
-fn check_boundary(text: &[u16], at: u64) -> Result<(), OtError> {
+fn between_code_points(text: &[u16], at: u64) -> bool {
     let i = at as usize;
     let inside = i > 0
         && i < text.len()
         && (0xD800..0xDC00).contains(&text[i - 1])
         && (0xDC00..0xE000).contains(&text[i]);
-    if inside {
-        Err(OtError::SplitsSurrogate(at))
-    } else {
-        Ok(())
-    }
+    !inside
 }
 
 /// Builds canonical operations component by component.
