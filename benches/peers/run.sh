@@ -70,6 +70,15 @@ has() { [[ ",$1," == *",$2,"* ]]; }
 declare -a groups=()
 server_pid=""
 
+# Runs a command in a process group of its own, so that stopping the group stops everything it
+# started. Not `setsid`: a new session is also a new scheduling group of its own where the
+# kernel's autogroup scheduling is on (`/proc/sys/kernel/sched_autogroup_enabled`), and the
+# kernel would then split the cores evenly between the server and the load generator instead of
+# between their threads, as it does for the same commands run from one shell.
+in_own_group() {
+    exec python3 -c 'import os, sys; os.setpgid(0, 0); os.execvp(sys.argv[1], sys.argv[1:])' "$@"
+}
+
 stop_group() {
     local pid=$1
     kill -TERM -- "-$pid" 2>/dev/null || return 0
@@ -95,7 +104,7 @@ trap 'exit 130' INT TERM
 start() {
     local name=$1
     shift
-    setsid "$@" >"$run/$name.log" 2>&1 &
+    in_own_group "$@" >"$run/$name.log" 2>&1 &
     server_pid=$!
     groups+=("$server_pid")
 }
@@ -122,7 +131,7 @@ stop_server() {
 measure() {
     local out=$1 err=$2 status=0
     shift 2
-    setsid "$@" >"$out" 2>"$err" &
+    in_own_group "$@" >"$out" 2>"$err" &
     local pid=$!
     groups+=("$pid")
     wait "$pid" || status=$?
@@ -210,7 +219,7 @@ install_celery() {
 # ---- the run ---------------------------------------------------------------------------------
 
 [[ -x $CONCLAVE_BIN ]] || die "no $CONCLAVE_BIN: build it first with cargo build --release"
-for tool in node npm python3 curl setsid; do
+for tool in node npm python3 curl; do
     command -v "$tool" >/dev/null || die "$tool is missing"
 done
 for port in "$conclave_port" "$ywebsocket_port" "$hocuspocus_port"; do
