@@ -106,7 +106,8 @@ pub struct Limits {
     #[arg(long, env = "CONCLAVE_OUTBOUND_QUEUE_BYTES", default_value_t = 4 << 20)]
     pub outbound_queue_bytes: usize,
 
-    /// Compact a document into a snapshot after this many stored updates…
+    /// Compact a document into a snapshot after this many stored updates, once they hold as
+    /// many bytes as the snapshot…
     #[arg(long, env = "CONCLAVE_DOC_COMPACT_EVERY", default_value_t = 500)]
     pub doc_compact_every: u64,
 

@@ -479,7 +479,8 @@ impl SessionActor {
         }
         self.answer_yjs_syncs();
         self.run_deferred_joins(ctx);
-        self.compact_docs(self.limits().doc_compact_every, ctx);
+        let every = self.limits().doc_compact_every;
+        self.compact_docs(|d| d.compaction_due(every), ctx);
     }
 
     /// Completes the joins whose awaited document updates have all committed or been refused.
@@ -665,13 +666,12 @@ impl SessionActor {
         self.docs.values().map(Document::summary).collect()
     }
 
-    /// Compacts every document with at least `threshold` updates since its snapshot.
-    fn compact_docs(&mut self, threshold: u64, ctx: &mut Context<Self>) {
-        let threshold = threshold.max(1);
+    /// Compacts every document `due` picks (and that has anything to compact).
+    fn compact_docs(&mut self, due: impl Fn(&Document) -> bool, ctx: &mut Context<Self>) {
         let due: Vec<_> = self
             .docs
             .values_mut()
-            .filter(|d| d.updates_since_snapshot() >= threshold)
+            .filter(|d| due(d))
             .filter_map(|d| d.begin_compaction().map(|s| (d.name().clone(), s)))
             .collect();
         let Some(fence) = self.fence.clone() else {
@@ -1033,7 +1033,7 @@ impl Actor for SessionActor {
         ctx.run_interval(check_every, |act, ctx| act.check_idle(ctx));
         // Compaction by time: whatever has accumulated since the last snapshot.
         ctx.run_interval(self.limits().doc_compact_interval(), |act, ctx| {
-            act.compact_docs(1, ctx);
+            act.compact_docs(|_| true, ctx);
         });
     }
 

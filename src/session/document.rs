@@ -105,8 +105,29 @@ pub struct Document {
     uncommitted: u64,
     /// The seq the stored snapshot covers; updates after it are replayed on load.
     snapshot_seq: u64,
-    compacting: bool,
+    /// Bytes of the stored snapshot, and of the updates after it (stored, or applied and
+    /// waiting for their commit): see [`Document::compaction_due`].
+    snapshot_bytes: u64,
+    logged_bytes: u64,
+    /// The compaction in flight, if any.
+    compacting: Option<Compaction>,
 }
+
+/// A compaction in flight: what it will have rewritten once its snapshot is stored.
+#[derive(Debug, Clone, Copy)]
+struct Compaction {
+    /// `logged_bytes` when it began: the updates the snapshot covers.
+    logged_bytes: u64,
+    snapshot_bytes: u64,
+}
+
+/// A compaction by count waits until the updates since the snapshot hold at least
+/// 1/`SNAPSHOT_PER_LOG` of the snapshot's bytes, as Redis rewrites its append-only file once it
+/// has doubled. Rewriting a large document's snapshot every few hundred updates made
+/// compaction the node's largest cost under steady typing (README, "Compaction in
+/// proportion"); this way a compaction writes no more than the log it replaces, and a load
+/// replays at most the snapshot's size again in updates beyond the count.
+const SNAPSHOT_PER_LOG: u64 = 1;
 
 fn new_doc() -> (Doc, TextRef, DeltaSink) {
     let doc = Doc::with_options(Options {
@@ -204,7 +225,9 @@ impl Document {
             committed_version: 0,
             uncommitted: 0,
             snapshot_seq: 0,
-            compacting: false,
+            snapshot_bytes: 0,
+            logged_bytes: 0,
+            compacting: None,
         }
     }
 
@@ -239,7 +262,9 @@ impl Document {
             committed_version: version,
             uncommitted: 0,
             snapshot_seq: stored.snapshot.as_ref().map_or(0, |s| s.upto_seq),
-            compacting: false,
+            snapshot_bytes: stored.snapshot.as_ref().map_or(0, |s| s.data.len() as u64),
+            logged_bytes: stored.updates.iter().map(|u| u.data.len() as u64).sum(),
+            compacting: None,
         })
     }
 
@@ -314,7 +339,7 @@ impl Document {
         };
         // The observer saw this edit too; the operation is already known.
         self.take_deltas();
-        let seq = self.record(Some(&op));
+        let seq = self.record(Some(&op), data.len());
         Ok(Some(AppliedEdit {
             op,
             version: self.version,
@@ -327,9 +352,11 @@ impl Document {
         }))
     }
 
-    /// Books one update applied in memory: a change to the text (`op`) is a new version in the
-    /// OT history; every update gets the next seq and waits for its commit. Returns the seq.
-    fn record(&mut self, op: Option<&Operation>) -> u64 {
+    /// Books one update of `bytes` applied in memory: a change to the text (`op`) is a new
+    /// version in the OT history; every update gets the next seq and waits for its commit.
+    /// Returns the seq.
+    fn record(&mut self, op: Option<&Operation>, bytes: usize) -> u64 {
+        self.logged_bytes += bytes as u64;
         if let Some(op) = op {
             self.version += 1;
             self.history.push_back((self.version, op.clone()));
@@ -411,7 +438,7 @@ impl Document {
             .map(|(i, data)| {
                 let data = data?;
                 let op = if Some(i) == last { op.take() } else { None };
-                let seq = self.record(op.as_ref());
+                let seq = self.record(op.as_ref(), data.len());
                 Ok(AppliedYjsUpdate {
                     op,
                     version: self.version,
@@ -507,10 +534,17 @@ impl Document {
         (self.next_seq - 1).saturating_sub(self.snapshot_seq)
     }
 
+    /// Whether compaction by count is due: at least `every` updates since the snapshot, holding
+    /// at least 1/[`SNAPSHOT_PER_LOG`] of its bytes.
+    pub fn compaction_due(&self, every: u64) -> bool {
+        self.updates_since_snapshot() >= every.max(1)
+            && self.logged_bytes.saturating_mul(SNAPSHOT_PER_LOG) >= self.snapshot_bytes
+    }
+
     /// A snapshot of the whole document, if everything in memory is committed and no other
     /// compaction is running. Marks the document as compacting.
     pub fn begin_compaction(&mut self) -> Option<DocSnapshot> {
-        if self.compacting || !self.is_settled() || self.updates_since_snapshot() == 0 {
+        if self.compacting.is_some() || !self.is_settled() || self.updates_since_snapshot() == 0 {
             return None;
         }
         let data = self.encode_whole();
@@ -518,7 +552,10 @@ impl Document {
             tracing::warn!(doc = %self.name, "the snapshot would not load back to the same text; the update log is kept instead");
             return None;
         }
-        self.compacting = true;
+        self.compacting = Some(Compaction {
+            logged_bytes: self.logged_bytes,
+            snapshot_bytes: data.len() as u64,
+        });
         Some(DocSnapshot {
             upto_seq: self.next_seq - 1,
             version: self.committed_version,
@@ -564,10 +601,14 @@ impl Document {
         .is_some_and(|text| text == want)
     }
 
+    /// Ends the compaction in flight: `stored` is the seq its snapshot covers, or `None` if
+    /// storing it failed and the log stays as it was.
     pub fn end_compaction(&mut self, stored: Option<u64>) {
-        self.compacting = false;
-        if let Some(upto_seq) = stored {
+        let compaction = self.compacting.take();
+        if let (Some(upto_seq), Some(compaction)) = (stored, compaction) {
             self.snapshot_seq = upto_seq;
+            self.snapshot_bytes = compaction.snapshot_bytes;
+            self.logged_bytes = self.logged_bytes.saturating_sub(compaction.logged_bytes);
         }
     }
 }
@@ -593,6 +634,65 @@ mod tests {
         let refusal = refused.expect_err("a gap in client 2's clocks");
         assert!(refusal.message.contains("does not connect"), "{refusal:?}");
         assert_eq!(doc.summary().text, "");
+    }
+
+    /// Compaction by count waits for the updates since the snapshot to hold as many bytes as
+    /// it; a stored snapshot counts from what came after it, a failed one changes nothing.
+    #[test]
+    fn compaction_by_count_waits_for_the_log_to_weigh_as_much_as_the_snapshot() {
+        let mut doc = Document::new(DocName::parse("main").expect("name"));
+        let type_one = |doc: &mut Document| {
+            let at = u64::from(doc.text.len(&doc.doc.transact()));
+            let edit = doc
+                .edit(
+                    doc.version(),
+                    vec![Component::Retain(at), Component::Insert("y".into())],
+                    1 << 20,
+                )
+                .expect("an edit at the end")
+                .expect("a change");
+            doc.committed(edit.version, Some(&edit.op));
+        };
+        let big = doc
+            .edit(0, vec![Component::Insert("x".repeat(4000))], 1 << 20)
+            .expect("the first edit")
+            .expect("a change");
+        doc.committed(big.version, Some(&big.op));
+        assert!(doc.compaction_due(1), "nothing to weigh against yet");
+        assert!(!doc.compaction_due(2), "one update of the two asked");
+
+        doc.begin_compaction().expect("a settled document");
+        type_one(&mut doc);
+        doc.end_compaction(None);
+        assert_eq!(doc.snapshot_bytes, 0, "a failed compaction changes nothing");
+        let snapshot = doc.begin_compaction().expect("settled again");
+        type_one(&mut doc);
+        doc.end_compaction(Some(snapshot.upto_seq));
+        assert_eq!(doc.snapshot_bytes, snapshot.data.len() as u64);
+        assert_eq!(
+            doc.updates_since_snapshot(),
+            1,
+            "the edit during the compaction"
+        );
+        let one_edit = doc.logged_bytes;
+        assert!(one_edit > 0 && one_edit < 100, "{one_edit} bytes");
+
+        let mut typed = 1u64;
+        while !doc.compaction_due(1) {
+            type_one(&mut doc);
+            typed += 1;
+            assert!(typed < 4000, "never due");
+        }
+        assert!(doc.logged_bytes * SNAPSHOT_PER_LOG >= doc.snapshot_bytes);
+        assert!(
+            (doc.logged_bytes - one_edit) * SNAPSHOT_PER_LOG < doc.snapshot_bytes,
+            "due as soon as the log weighs enough, not later"
+        );
+        assert!(
+            typed > 10,
+            "{typed} edits, each far smaller than the snapshot"
+        );
+        assert!(!doc.compaction_due(typed + 1));
     }
 
     /// The size limit refuses what passes it and nothing else, whatever its value: a limit
