@@ -219,11 +219,18 @@ fn bad_update(err: impl std::fmt::Display) -> Failure {
     Failure::new("bad_update", err.to_string())
 }
 
+/// Where run client `i` sits: document `i % documents`, as that document's `i / documents`th
+/// client. Clients are spread over the documents in turn, so a ramp-up fills them evenly.
+fn seat(client: usize, documents: usize) -> (usize, usize) {
+    let documents = documents.max(1);
+    (client % documents, client / documents)
+}
+
 /// The newest stamp seen from each client of one document, so a marker that arrives twice
 /// counts once. Indexed by client: it is looked up for every marker received, hundreds of
 /// thousands a second, where a hashed map's lookups were ~4% of the load generator's time.
 struct Ledger {
-    /// Client `i` writes to document `i % documents` (`run`), as its `i / documents`th client.
+    /// For [`seat`].
     documents: usize,
     doc: usize,
     newest: Vec<u64>,
@@ -233,7 +240,7 @@ impl Ledger {
     /// A ledger for document `doc` of `documents`, with `clients` clients each.
     fn new(doc: usize, documents: usize, clients: usize) -> Self {
         Self {
-            documents: documents.max(1),
+            documents,
             doc,
             newest: vec![0; clients],
         }
@@ -242,11 +249,11 @@ impl Ledger {
     /// Whether `(client, t)` is new: later than every stamp seen from `client` before. A
     /// marker naming no client of the document is never new.
     fn fresh(&mut self, client: u32, t: u64) -> bool {
-        let client = client as usize;
-        if client % self.documents != self.doc {
+        let (doc, slot) = seat(client as usize, self.documents);
+        if doc != self.doc {
             return false;
         }
-        match self.newest.get_mut(client / self.documents) {
+        match self.newest.get_mut(slot) {
             Some(newest) if t > *newest => {
                 *newest = t;
                 true
@@ -683,7 +690,7 @@ pub async fn run(args: YjsArgs) -> Result<Report, LoadError> {
         run_start_us: &ctx.run_start_us,
     };
     let (timeline, results) = run_senders(senders, |i, delay, cue| {
-        let s = i % args.sessions;
+        let (s, _) = seat(i, args.sessions);
         let index = u32::try_from(i).unwrap_or(u32::MAX);
         tokio::spawn(client_task(
             ctx.clone(),

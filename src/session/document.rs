@@ -652,6 +652,7 @@ mod tests {
                 .expect("an edit at the end")
                 .expect("a change");
             doc.committed(edit.version, Some(&edit.op));
+            edit.update
         };
         let big = doc
             .edit(0, vec![Component::Insert("x".repeat(4000))], 1 << 20)
@@ -666,7 +667,7 @@ mod tests {
         doc.end_compaction(None);
         assert_eq!(doc.snapshot_bytes, 0, "a failed compaction changes nothing");
         let snapshot = doc.begin_compaction().expect("settled again");
-        type_one(&mut doc);
+        let mut stored_after = vec![type_one(&mut doc)];
         doc.end_compaction(Some(snapshot.upto_seq));
         assert_eq!(doc.snapshot_bytes, snapshot.data.len() as u64);
         assert_eq!(
@@ -679,7 +680,7 @@ mod tests {
 
         let mut typed = 1u64;
         while !doc.compaction_due(1) {
-            type_one(&mut doc);
+            stored_after.push(type_one(&mut doc));
             typed += 1;
             assert!(typed < 4000, "never due");
         }
@@ -693,6 +694,19 @@ mod tests {
             "{typed} edits, each far smaller than the snapshot"
         );
         assert!(!doc.compaction_due(typed + 1));
+
+        // A reload weighs its snapshot and log as the live document did.
+        let reloaded = Document::load(StoredDoc {
+            name: DocName::parse("main").expect("name"),
+            snapshot: Some(snapshot),
+            updates: stored_after,
+        })
+        .expect("loads");
+        assert_eq!(
+            (reloaded.snapshot_bytes, reloaded.logged_bytes),
+            (doc.snapshot_bytes, doc.logged_bytes)
+        );
+        assert!(reloaded.compaction_due(typed));
     }
 
     /// The size limit refuses what passes it and nothing else, whatever its value: a limit
@@ -726,16 +740,16 @@ mod tests {
             let edit = doc.edit(base, ops, 1 << 20).expect("an edit at the end");
             applied.push(edit.expect("a change"));
         }
-        let read = |doc: &mut Document| {
+        let read = |doc: &Document| {
             let summary = doc.summary();
             (summary.version, summary.text)
         };
-        assert_eq!(read(&mut doc), (0, String::new()));
+        assert_eq!(read(&doc), (0, String::new()));
         let mut want = String::new();
         for edit in &applied {
             doc.committed(edit.version, Some(&edit.op));
             want.push_str(["a", "b", "c"][edit.version as usize - 1]);
-            assert_eq!(read(&mut doc), (edit.version, want.clone()));
+            assert_eq!(read(&doc), (edit.version, want.clone()));
         }
         assert!(doc.is_settled());
     }
