@@ -67,11 +67,19 @@ struct PendingDocChange {
     update_committed: bool,
     /// The yrs update to store; taken when the batch is flushed.
     update: Option<DocUpdate>,
-    /// The yrs update, for the document's Yjs clients after the commit (see `fanout`).
-    yjs_update: Option<Vec<u8>>,
+    /// The Yjs update for the document's Yjs clients once this change commits (see
+    /// `fanout`). A group of Yjs updates carries one, on its last change, for all of them.
+    yjs_update: Option<YjsBroadcast>,
     actor: log::Actor,
     /// The connection that sent it, which gets an ack instead of the `doc` frame.
     origin: Option<ConnId>,
+}
+
+/// A Yjs update to send a document's Yjs clients, and the one connection that wrote all of
+/// it (`None` for several), which is not sent its own keys back.
+struct YjsBroadcast {
+    update: Vec<u8>,
+    author: Option<ConnId>,
 }
 
 /// One subscribed connection.
@@ -509,8 +517,8 @@ impl SessionActor {
                 document.committed(change.version, change.op.as_ref());
             }
         }
-        if let Some(update) = change.yjs_update.take() {
-            yjs_out.push(&change.doc, change.origin.clone(), update);
+        if let Some(YjsBroadcast { update, author }) = change.yjs_update.take() {
+            yjs_out.push(&change.doc, author, update);
         }
         if let Some(reply) = reply {
             reply.ok(Committed::doc(change.doc.clone(), change.version));
@@ -1312,7 +1320,10 @@ impl Handler<Edit> for SessionActor {
                 version,
                 op: Some(applied.op),
                 update_committed: true,
-                yjs_update: Some(applied.update.data.clone()),
+                yjs_update: Some(YjsBroadcast {
+                    update: applied.update.data.clone(),
+                    author: msg.conn.clone(),
+                }),
                 update: Some(applied.update),
                 actor: msg.actor,
                 origin: msg.conn,
@@ -1474,17 +1485,31 @@ impl SessionActor {
                 .map(|q| ((q.actor, q.conn), q.data))
                 .unzip();
             let started = Instant::now();
-            let results = document.apply_yjs_updates(data, max_units);
+            let group = document.apply_yjs_updates(data, max_units);
             applying += started.elapsed();
-            for ((actor, conn), result) in authors.into_iter().zip(results) {
-                let applied = match result {
-                    Ok(applied) => applied,
+            let mut applied_by = Vec::with_capacity(group.results.len());
+            for ((actor, conn), result) in authors.into_iter().zip(group.results) {
+                match result {
+                    Ok(applied) => applied_by.push((actor, conn, applied)),
                     Err(refusal) => {
                         telemetry::error(refusal.code);
                         tracing::debug!(session = %self.id, doc = %doc, "{}", refusal.message);
-                        continue;
                     }
-                };
+                }
+            }
+            let one_author = applied_by
+                .first()
+                .map(|(_, first, _)| first.clone())
+                .filter(|first| applied_by.iter().all(|(_, conn, _)| conn == first));
+            // The group goes out as one update once its last change is committed, which is
+            // once all of it is: batches commit in order.
+            let mut broadcast = group.broadcast.map(|update| YjsBroadcast {
+                update,
+                author: one_author,
+            });
+            let last = applied_by.len().saturating_sub(1);
+            for (i, (actor, conn, applied)) in applied_by.into_iter().enumerate() {
+                let yjs_update = if i == last { broadcast.take() } else { None };
                 self.enqueue_write(
                     PendingWrite {
                         event: None,
@@ -1493,7 +1518,7 @@ impl SessionActor {
                             version: applied.version,
                             op: applied.op,
                             update_committed: true,
-                            yjs_update: Some(applied.update.data.clone()),
+                            yjs_update,
                             update: Some(applied.update),
                             actor,
                             origin: Some(conn),

@@ -52,6 +52,15 @@ pub struct AppliedYjsUpdate {
     pub update: DocUpdate,
 }
 
+/// What [`Document::apply_yjs_updates`] did with a group of updates.
+pub struct AppliedYjsGroup {
+    /// One result per update, in order.
+    pub results: Vec<Result<AppliedYjsUpdate, Refusal>>,
+    /// Everything the group changed as one Yjs update, for the document's Yjs clients once
+    /// the whole group is committed; `None` when no update applied.
+    pub broadcast: Option<Vec<u8>>,
+}
+
 /// Text deltas observed during one transaction, turned into an operation.
 type DeltaSink = Arc<Mutex<Vec<Component>>>;
 
@@ -382,6 +391,7 @@ impl Document {
         max_units: u64,
     ) -> Result<AppliedYjsUpdate, Refusal> {
         self.apply_yjs_updates(vec![data], max_units)
+            .results
             .pop()
             .unwrap_or_else(|| Err(Refusal::bad_request("no Yjs update")))
     }
@@ -401,15 +411,11 @@ impl Document {
     ///
     /// An update cannot be unapplied, so the size limit is checked before applying, against
     /// the update's encoded length: it bounds what the update can insert.
-    pub fn apply_yjs_updates(
-        &mut self,
-        updates: Vec<Vec<u8>>,
-        max_units: u64,
-    ) -> Vec<Result<AppliedYjsUpdate, Refusal>> {
+    pub fn apply_yjs_updates(&mut self, updates: Vec<Vec<u8>>, max_units: u64) -> AppliedYjsGroup {
         self.take_deltas();
-        let checked: Vec<Result<Vec<u8>, Refusal>> = {
+        let (checked, encoded): (Vec<Result<Vec<u8>, Refusal>>, _) = {
             let mut txn = self.doc.transact_mut();
-            updates
+            let checked: Vec<_> = updates
                 .into_iter()
                 .map(|data| {
                     let len = u64::from(self.text.len(&txn));
@@ -425,14 +431,22 @@ impl Document {
                     })?;
                     Ok(data)
                 })
-                .collect()
+                .collect();
+            // What the transaction changed, as Yjs's own `update` event has it: the blocks
+            // past the state it started from and the deletions it made. Cheaper than merging
+            // the updates again (decoding each a second time), and it holds only what the
+            // document took in.
+            let several = checked.iter().filter(|r| r.is_ok()).nth(1).is_some();
+            let encoded = several.then(|| txn.encode_update_v1());
+            (checked, encoded)
         };
+        let broadcast = encoded.or_else(|| checked.iter().find_map(|r| r.as_ref().ok().cloned()));
         let mut op = Operation::normalize(self.take_deltas())
             .ok()
             .filter(|op| !op.is_noop());
         let new_version = self.version + u64::from(op.is_some());
         let last = checked.iter().rposition(Result::is_ok);
-        checked
+        let results = checked
             .into_iter()
             .enumerate()
             .map(|(i, data)| {
@@ -450,7 +464,8 @@ impl Document {
                     },
                 })
             })
-            .collect()
+            .collect();
+        AppliedYjsGroup { results, broadcast }
     }
 
     /// Whether everything applied in memory is committed.
@@ -797,7 +812,10 @@ mod tests {
         let mut grouped = Document::new(DocName::parse("main").expect("name"));
         let mut group: Vec<Vec<u8>> = updates.iter().map(|u| (*u).clone()).collect();
         group.insert(2, vec![0xff, 0x01]);
-        let results = grouped.apply_yjs_updates(group, 1 << 20);
+        let AppliedYjsGroup { results, broadcast } = grouped.apply_yjs_updates(group, 1 << 20);
+        // The group's one update brings a client that held none of it to the same text.
+        let broadcast = broadcast.expect("the group applied, so it has an update to send");
+        assert_eq!(text_after(&[], &broadcast), "abcd");
         assert_eq!(results.len(), 5);
         assert!(results[2].is_err(), "garbage in the group was applied");
         let applied: Vec<&AppliedYjsUpdate> =
@@ -816,6 +834,47 @@ mod tests {
         grouped.committed(applied[3].version, applied[3].op.as_ref());
         assert!(grouped.is_settled());
         assert_eq!(read(&mut grouped), (1, "abcd".to_owned()));
+    }
+
+    /// The text of a Yjs client that applied `seen`, then `update`.
+    fn text_after(seen: &[&Vec<u8>], update: &[u8]) -> String {
+        let client = Doc::new();
+        let text = client.get_or_insert_text(CONTENT);
+        for update in seen.iter().map(|u| u.as_slice()).chain([update]) {
+            let decoded = Update::decode_v1(update).unwrap();
+            client.transact_mut().apply_update(decoded).unwrap();
+        }
+        text.get_string(&client.transact())
+    }
+
+    /// A group's broadcast carries its deletions too, and nothing a refused update held: a
+    /// client that had the text before the group reads what the document reads after it.
+    #[test]
+    fn a_groups_broadcast_is_what_the_document_took_in() {
+        let hello = client_append(1, &[], "hello");
+        let mut doc = Document::new(DocName::parse("main").expect("name"));
+        commit_yjs(&mut doc, hello.clone(), "hello");
+        let cut = {
+            let client = Doc::with_client_id(2);
+            let text = client.get_or_insert_text(CONTENT);
+            let decoded = Update::decode_v1(&hello).unwrap();
+            client.transact_mut().apply_update(decoded).unwrap();
+            let mut txn = client.transact_mut();
+            text.remove_range(&mut txn, 0, 1);
+            txn.encode_update_v1()
+        };
+        let bang = client_append(3, &[&hello], "!");
+        // Refused: it starts past anything the document holds of client 4.
+        let gap = {
+            let ahead = client_append(4, &[], "xx");
+            client_append(4, &[&ahead], "yy")
+        };
+        let group = doc.apply_yjs_updates(vec![cut, gap, bang], 1 << 20);
+        assert!(group.results[1].is_err(), "an update with a gap applied");
+        let broadcast = group.broadcast.expect("two updates applied");
+        let read = doc.doc.transact();
+        assert_eq!(doc.text.get_string(&read), "ello!");
+        assert_eq!(text_after(&[&hello], &broadcast), "ello!");
     }
 
     /// Applies a Yjs update that must be accepted, and marks it committed.

@@ -2,7 +2,10 @@
 //!
 //! Under load a batch holds many updates to the same document, often from several clients.
 //! Sending each one to each Yjs client costs a message, a WebSocket frame and a write per update
-//! per client; one merged update (`yrs::merge_updates_v1`) costs one of each per client. The
+//! per client; one merged update costs one of each per client. Most of the merging is done
+//! before this: the updates the session applied in one transaction come here as one update,
+//! the transaction's (`Document::apply_yjs_updates`). What is left, the few updates of a batch
+//! that several transactions or JSON edits made, is merged with `yrs::merge_updates_v1`. The
 //! merged update goes to every client of the document, its authors too, as the y-websocket
 //! server sends every update: Yjs ignores what a document already holds. Only when every update
 //! came from one client is that client skipped, so a lone typist never gets its own keys back.
@@ -35,6 +38,8 @@ pub struct YjsFanout {
 }
 
 impl YjsFanout {
+    /// Adds `update` to `doc`'s frame; `origin` is the one connection that wrote all of it,
+    /// if one did.
     pub fn push(&mut self, doc: &DocName, origin: Option<ConnId>, update: Vec<u8>) {
         let authored = Authored { origin, update };
         match self.docs.iter_mut().find(|(name, _)| name == doc) {
