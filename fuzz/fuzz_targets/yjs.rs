@@ -2,7 +2,7 @@
 //! the session actor handles each message, on the server's own `Document`.
 //!
 //! - Sync step 1 is answered with a diff, sync step 2 and updates are applied (and committed;
-//!   consecutive ones as one group, `Document::apply_yjs_updates`), awareness updates are applied
+//!   consecutive ones as one group and one stored update, `Document::apply_yjs_updates`), awareness updates are applied
 //!   and relayed, an awareness query is answered; the first malformed message ends the frame, as
 //!   it closes the socket.
 //! - The client's awareness states are removed as on disconnect.
@@ -53,11 +53,7 @@ fuzz_target!(|data: &[u8]| {
     // Consecutive updates apply as one group, as a session applies the updates that queued up.
     let mut group: Vec<Vec<u8>> = Vec::new();
     let mut apply = |doc: &mut Document, group: &mut Vec<Vec<u8>>| {
-        for applied in doc
-            .apply_yjs_updates(std::mem::take(group), max)
-            .into_iter()
-            .flatten()
-        {
+        if let Some(applied) = doc.apply_yjs_updates(std::mem::take(group), max).applied {
             doc.committed(applied.version, applied.op.as_ref());
             yjs::update(applied.update.data.clone());
             accepted.push(applied.update);

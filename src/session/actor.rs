@@ -68,7 +68,7 @@ struct PendingDocChange {
     /// The yrs update to store; taken when the batch is flushed.
     update: Option<DocUpdate>,
     /// The Yjs update for the document's Yjs clients once this change commits (see
-    /// `fanout`). A group of Yjs updates carries one, on its last change, for all of them.
+    /// `fanout`).
     yjs_update: Option<YjsBroadcast>,
     actor: log::Actor,
     /// The connection that sent it, which gets an ack instead of the `doc` frame.
@@ -1487,47 +1487,48 @@ impl SessionActor {
             let started = Instant::now();
             let group = document.apply_yjs_updates(data, max_units);
             applying += started.elapsed();
-            let mut applied_by = Vec::with_capacity(group.results.len());
+            let mut writers = Vec::with_capacity(group.results.len());
             for ((actor, conn), result) in authors.into_iter().zip(group.results) {
                 match result {
-                    Ok(applied) => applied_by.push((actor, conn, applied)),
+                    Ok(()) => writers.push((actor, conn)),
                     Err(refusal) => {
                         telemetry::error(refusal.code);
                         tracing::debug!(session = %self.id, doc = %doc, "{}", refusal.message);
                     }
                 }
             }
-            let one_author = applied_by
+            let Some(applied) = group.applied else {
+                continue;
+            };
+            // The change is attributed to the first writer; the one connection that wrote
+            // all of it is not sent it back.
+            let one_author = writers
                 .first()
-                .map(|(_, first, _)| first.clone())
-                .filter(|first| applied_by.iter().all(|(_, conn, _)| conn == first));
-            // The group goes out as one update once its last change is committed, which is
-            // once all of it is: batches commit in order.
-            let mut broadcast = group.broadcast.map(|update| YjsBroadcast {
-                update,
-                author: one_author,
-            });
-            let last = applied_by.len().saturating_sub(1);
-            for (i, (actor, conn, applied)) in applied_by.into_iter().enumerate() {
-                let yjs_update = if i == last { broadcast.take() } else { None };
-                self.enqueue_write(
-                    PendingWrite {
-                        event: None,
-                        doc: Some(PendingDocChange {
-                            doc: doc.clone(),
-                            version: applied.version,
-                            op: applied.op,
-                            update_committed: true,
-                            yjs_update,
-                            update: Some(applied.update),
-                            actor,
-                            origin: Some(conn),
+                .map(|(_, conn)| conn.clone())
+                .filter(|first| writers.iter().all(|(_, conn)| conn == first));
+            let Some((actor, conn)) = writers.into_iter().next() else {
+                continue;
+            };
+            self.enqueue_write(
+                PendingWrite {
+                    event: None,
+                    doc: Some(PendingDocChange {
+                        doc: doc.clone(),
+                        version: applied.version,
+                        op: applied.op,
+                        update_committed: true,
+                        yjs_update: Some(YjsBroadcast {
+                            update: applied.update.data.clone(),
+                            author: one_author,
                         }),
-                        reply: None,
-                    },
-                    ctx,
-                );
-            }
+                        update: Some(applied.update),
+                        actor,
+                        origin: Some(conn),
+                    }),
+                    reply: None,
+                },
+                ctx,
+            );
         }
         self.yjs_not_before = Some(Instant::now() + applying * YJS_PACING);
     }
