@@ -1,6 +1,6 @@
 //! Document micro-benches: a JSON edit rebased and applied on a 100 KiB document, a Yjs
 //! update applied and re-encoded for the broadcast, and Yjs updates applied and committed to a
-//! 4 MiB document.
+//! 4 MiB document, one at a time and in groups.
 //!
 //!     cargo bench --bench documents
 
@@ -169,6 +169,22 @@ fn committed_yjs_updates(c: &mut Criterion) {
     let (observer, observer_text) = synced(999);
     let mut typed = vec![0u32; WRITERS as usize];
     let mut next = 0usize;
+    // The writers' next `n` updates, round robin. They are made before the clock starts, so
+    // that only the node's work is timed.
+    let mut type_on = |n: u64| -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|_| {
+                let w = next % WRITERS as usize;
+                next += 1;
+                let (writer, text) = &writers[w];
+                let mut txn = writer.transact_mut();
+                let at = CHARS / WRITERS * w as u32 + typed[w];
+                text.insert(&mut txn, at, MARKER);
+                typed[w] += MARKER.len() as u32;
+                txn.encode_update_v1()
+            })
+            .collect()
+    };
     let mut doc = seed;
     let mut group = c.benchmark_group("yjs_commit_4MiB");
     group
@@ -176,19 +192,7 @@ fn committed_yjs_updates(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1));
     group.bench_function("apply_and_commit", |b| {
         b.iter_custom(|iters| {
-            // The writers' updates are made first, so that only the node's work is timed.
-            let updates: Vec<Vec<u8>> = (0..iters)
-                .map(|_| {
-                    let w = next % WRITERS as usize;
-                    next += 1;
-                    let (writer, text) = &writers[w];
-                    let mut txn = writer.transact_mut();
-                    let at = CHARS / WRITERS * w as u32 + typed[w];
-                    text.insert(&mut txn, at, MARKER);
-                    typed[w] += MARKER.len() as u32;
-                    txn.encode_update_v1()
-                })
-                .collect();
+            let updates = type_on(iters);
             let start = Instant::now();
             for update in &updates {
                 let applied = doc
@@ -199,6 +203,30 @@ fn committed_yjs_updates(c: &mut Criterion) {
             let elapsed = start.elapsed();
             let mut txn = observer.transact_mut();
             for update in updates {
+                txn.apply_update(Update::decode_v1(&update).expect("decodes"))
+                    .expect("applies");
+            }
+            elapsed
+        });
+    });
+    // As a session applies a backlog under load: ten queued updates at a time, in one
+    // transaction, stored and sent as one update. The observer applies only those, so the
+    // final check also shows that a group's one update carries all of it.
+    group.bench_function("apply_and_commit_in_groups_of_10", |b| {
+        b.iter_custom(|iters| {
+            let updates = type_on(iters);
+            let start = Instant::now();
+            let stored: Vec<Vec<u8>> = updates
+                .chunks(10)
+                .filter_map(|chunk| {
+                    let applied = doc.apply_yjs_updates(chunk.to_vec(), u64::MAX).applied?;
+                    doc.committed(applied.version, applied.op.as_ref());
+                    Some(applied.update.data)
+                })
+                .collect();
+            let elapsed = start.elapsed();
+            let mut txn = observer.transact_mut();
+            for update in stored {
                 txn.apply_update(Update::decode_v1(&update).expect("decodes"))
                     .expect("applies");
             }
