@@ -797,6 +797,8 @@ pub async fn run(args: YjsArgs) -> Result<Report, LoadError> {
 /// same text.
 fn converge(shared: &[Arc<DocShared>], results: &[ClientResult]) -> Convergence {
     let mut failures = Vec::new();
+    // Said first, so that truncating the list never hides them.
+    let mut hints = Vec::new();
     let mut clients = 0;
     for (d, doc) in shared.iter().enumerate() {
         let sent = doc.sent.load(Ordering::Relaxed);
@@ -805,6 +807,21 @@ fn converge(shared: &[Arc<DocShared>], results: &[ClientResult]) -> Convergence 
             .filter(|r| r.doc == d && r.connected)
             .collect();
         clients += members.len();
+        let live = members.iter().filter(|m| m.dropped.is_none()).count();
+        let short = members
+            .iter()
+            .filter(|m| m.dropped.is_none() && m.sent + m.seen < sent)
+            .count();
+        if live > 1 && short == live {
+            hints.push(format!(
+                "{}: every client misses updates that another sent, so the server did not pass \
+                 them all on before the drain ended: it was slow (raise --drain), or it refused \
+                 them. The y-websocket protocol has no refusal message, so a refused update \
+                 (for a Conclave node, one past --max-doc-units) only shows here and in the \
+                 server's log and error counters.",
+                doc.room
+            ));
+        }
         let mut first: Option<(u32, (u64, usize))> = None;
         for m in members {
             if let Some(why) = &m.dropped {
@@ -834,6 +851,8 @@ fn converge(shared: &[Arc<DocShared>], results: &[ClientResult]) -> Convergence 
         }
     }
     let passed = failures.is_empty();
+    hints.truncate(3);
+    failures.splice(0..0, hints);
     let more = failures.len().saturating_sub(10);
     failures.truncate(10);
     if more > 0 {
@@ -855,6 +874,61 @@ mod tests {
     use crate::protocol::yjs as frames;
     use yrs::StateVector;
     use yrs::sync::Message as YMessage;
+
+    fn doc(room: &str, sent: u64) -> Arc<DocShared> {
+        Arc::new(DocShared {
+            room: room.into(),
+            sent: AtomicU64::new(sent),
+        })
+    }
+
+    fn holding(doc: usize, index: u32, sent: u64, seen: u64) -> ClientResult {
+        ClientResult {
+            index,
+            doc,
+            connected: true,
+            sent,
+            seen,
+            text: Some((7, 10)),
+            ..ClientResult::default()
+        }
+    }
+
+    /// When every client of a document is short, the report says what can cause it (a server
+    /// that refused updates without a word, or a drain too short); one short client is its own
+    /// failure and gets no such hint.
+    #[test]
+    fn a_document_every_client_is_short_of_gets_a_hint() {
+        let shared = [doc("a", 30), doc("b", 30)];
+        let results = [
+            // Document a: each client sent 10 and saw 15 of the other 20.
+            holding(0, 0, 10, 15),
+            holding(0, 1, 10, 15),
+            holding(0, 2, 10, 15),
+            // Document b: only client 4 is short.
+            holding(1, 3, 10, 20),
+            holding(1, 4, 10, 19),
+            holding(1, 5, 10, 20),
+        ];
+        let convergence = converge(&shared, &results);
+        assert!(!convergence.passed);
+        let hints: Vec<&String> = convergence
+            .failures
+            .iter()
+            .filter(|f| f.contains("every client misses"))
+            .collect();
+        assert_eq!(hints.len(), 1, "{:?}", convergence.failures);
+        assert!(hints[0].starts_with("a: "), "{hints:?}");
+        assert_eq!(convergence.failures[0], *hints[0], "the hint comes first");
+        assert!(
+            convergence
+                .failures
+                .iter()
+                .any(|f| f == "b: client 4 holds 29 of the 30 updates sent"),
+            "{:?}",
+            convergence.failures
+        );
+    }
 
     #[test]
     fn markers_parse_from_merged_inserts() {
