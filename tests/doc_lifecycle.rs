@@ -79,6 +79,76 @@ async fn yjs_updates_survive_kill_9_postgres() {
     drop(db);
 }
 
+/// Yjs updates that queue up while a session is busy are applied, stored and committed as one
+/// update per group. Four clients each send 50 appends back to back, so groups form (the
+/// document ends at fewer versions than updates: one per group). Once REST shows every append
+/// committed, `kill -9` and a restart must give back the same text and version, rebuilt from
+/// the groups' stored updates alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_yjs_updates_survive_kill_9() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use yrs::sync::{Message as YMessage, SyncMessage};
+    use yrs::updates::encoder::Encode;
+    use yrs::{Doc, Text, Transact};
+
+    const CLIENTS: u64 = 4;
+    const APPENDS: u64 = 50;
+    let data = tempfile::tempdir().expect("data dir");
+    let mut args = data_dir_args(data.path());
+    // No compaction by count: the reload replays the stored groups themselves.
+    args.extend(["--doc-compact-every".into(), "1000000".into()]);
+    let mut server = spawn_binary(&args, &[]).await;
+    let base = server.http_url();
+    let writers = (0..CLIENTS).map(|c| {
+        let addr = server.addr;
+        tokio::spawn(async move {
+            let mut socket = yjs_connect(addr, "yjs-groups/main", "")
+                .await
+                .expect("connects");
+            // A client of its own: it appends to its own run, which the CRDT keeps whole.
+            let doc = Doc::with_client_id(100 + c);
+            let content = doc.get_or_insert_text("content");
+            for i in 0..APPENDS {
+                let update = {
+                    let mut txn = doc.transact_mut();
+                    let len = content.len(&txn);
+                    content.insert(&mut txn, len, &format!("<{c}:{i}>"));
+                    txn.encode_update_v1()
+                };
+                let frame = YMessage::Sync(SyncMessage::Update(update)).encode_v1();
+                socket
+                    .send(Message::Binary(frame.into()))
+                    .await
+                    .expect("send an update");
+            }
+            socket
+        })
+    });
+    let sockets = futures_util::future::join_all(writers).await;
+    let all_in = |d: &serde_json::Value| {
+        let text = d["text"].as_str().unwrap_or_default();
+        (0..CLIENTS).all(|c| (0..APPENDS).all(|i| text.contains(&format!("<{c}:{i}>"))))
+    };
+    let before = doc_until(&base, "yjs-groups/docs/main", all_in).await;
+    let versions = before["version"].as_u64().expect("a version");
+    assert!(
+        versions < CLIENTS * APPENDS,
+        "{versions} versions for {} updates: no group formed, so this test checks nothing",
+        CLIENTS * APPENDS
+    );
+    drop(sockets);
+    server.kill_9();
+    drop(server);
+    let server = spawn_binary(&args, &[]).await;
+    let after = doc_until(&server.http_url(), "yjs-groups/docs/main", |_| true).await;
+    assert_eq!(after["text"], before["text"], "grouped Yjs updates lost");
+    assert_eq!(
+        after["version"], before["version"],
+        "version changed across restart"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_keeps_the_content_identical() {
     let data = tempfile::tempdir().expect("data dir");
