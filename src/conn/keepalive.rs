@@ -7,6 +7,11 @@
 //! thread keeps one list of weak addresses and one ticker that sends each a [`Beat`]. The list
 //! forgets a connection once its actor is gone, and the ticker stops when the list is empty.
 //!
+//! The list is dealt into [`SLICES`] slices and each tick beats one of them, so that every
+//! connection still hears once per period but the pings of ten thousand sockets are not written
+//! in the same instant: that burst (and the pongs it brings back) held up live traffic behind
+//! it for up to ~150 ms every period.
+//!
 //! The same list is how a stopping node says goodbye: [`Stopping::begin`] wakes every thread's
 //! ticker, which sends each of its sockets [`Beat::NodeStopping`], and each closes with 1001 and
 //! [`STOPPING`], so clients see a deliberate close they can reconnect after rather than a reset.
@@ -56,14 +61,79 @@ impl Stopping {
     }
 }
 
-#[derive(Default)]
-struct Watched {
-    conns: Vec<WeakRecipient<Beat>>,
+/// How many slices a thread's connections are dealt into; the ticker beats one per tick.
+const SLICES: usize = 20;
+
+/// One thread's watched connections, dealt round-robin into [`SLICES`] slices.
+struct Watched<C> {
+    slices: Vec<Vec<C>>,
+    /// The slice the next new connection joins.
+    joins: usize,
+    /// The slice the next tick beats.
+    due: usize,
+    /// Connections held in all slices, the dead not yet swept included.
+    len: usize,
     ticking: bool,
 }
 
+impl<C> Default for Watched<C> {
+    fn default() -> Self {
+        Self {
+            slices: std::iter::repeat_with(Vec::new).take(SLICES).collect(),
+            joins: 0,
+            due: 0,
+            len: 0,
+            ticking: false,
+        }
+    }
+}
+
+impl<C> Watched<C> {
+    /// Adds a connection; true when the ticker is not running and must be started.
+    fn add(&mut self, conn: C) -> bool {
+        self.slices[self.joins].push(conn);
+        self.joins = (self.joins + 1) % SLICES;
+        self.len += 1;
+        !std::mem::replace(&mut self.ticking, true)
+    }
+
+    /// Offers `beat` to each connection of the slice that is due, and moves on to the next;
+    /// `beat` returns false for a connection that is gone, which is dropped. Returns true while
+    /// connections remain (false: the ticker stops).
+    fn beat_due(&mut self, beat: impl FnMut(&C) -> bool) -> bool {
+        let due = self.due;
+        self.due = (due + 1) % SLICES;
+        self.sweep(due, beat);
+        self.still_ticking()
+    }
+
+    /// Offers `beat` to every connection at once (the node is stopping).
+    fn beat_all(&mut self, mut beat: impl FnMut(&C) -> bool) -> bool {
+        for slice in 0..SLICES {
+            self.sweep(slice, &mut beat);
+        }
+        self.still_ticking()
+    }
+
+    fn sweep(&mut self, slice: usize, beat: impl FnMut(&C) -> bool) {
+        let conns = &mut self.slices[slice];
+        let before = conns.len();
+        conns.retain(beat);
+        self.len -= before - conns.len();
+        // A burst of sockets that has since closed must not pin its slots.
+        if conns.capacity() > 2 * conns.len() + 64 {
+            conns.shrink_to_fit();
+        }
+    }
+
+    fn still_ticking(&mut self) -> bool {
+        self.ticking = self.len > 0;
+        self.ticking
+    }
+}
+
 thread_local! {
-    static WATCHED: RefCell<Watched> = RefCell::default();
+    static WATCHED: RefCell<Watched<WeakRecipient<Beat>>> = RefCell::default();
 }
 
 /// Sends `conn` a [`Beat::Due`] every third of the node's socket timeout (at least a second),
@@ -76,13 +146,9 @@ pub fn watch(conn: WeakRecipient<Beat>, node: &Node) {
         // Accepted just before the listener paused: it is told at once.
         conn.do_send(Beat::NodeStopping);
     }
-    let start = WATCHED.with_borrow_mut(|watched| {
-        watched.conns.push(conn);
-        !std::mem::replace(&mut watched.ticking, true)
-    });
-    if start {
+    if WATCHED.with_borrow_mut(|watched| watched.add(conn)) {
         let every = Duration::from_secs((node.limits.socket_timeout_s / 3).max(1));
-        actix::spawn(tick(every, node.stopping.0.subscribe()));
+        actix::spawn(tick(every / SLICES as u32, node.stopping.0.subscribe()));
     }
 }
 
@@ -100,8 +166,11 @@ pub fn ping_if_alive(
     alive
 }
 
-async fn tick(every: Duration, mut stopping: watch::Receiver<bool>) {
-    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+/// Beats one slice every `slice_every` (so each connection once per [`SLICES`] ticks), and
+/// every connection at once when the node stops.
+async fn tick(slice_every: Duration, mut stopping: watch::Receiver<bool>) {
+    let mut interval =
+        tokio::time::interval_at(tokio::time::Instant::now() + slice_every, slice_every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The flag is only ever set, so a change is the node stopping; it is told once, and after
     // that (or once the node is gone) only the interval wakes the ticker.
@@ -117,23 +186,80 @@ async fn tick(every: Duration, mut stopping: watch::Receiver<bool>) {
                 Beat::NodeStopping
             }
         };
-        let done = WATCHED.with_borrow_mut(|watched| {
-            watched.conns.retain(|conn| match conn.upgrade() {
-                Some(conn) => {
-                    conn.do_send(beat);
-                    true
-                }
-                None => false,
-            });
-            // A burst of sockets that has since closed must not pin its slots.
-            if watched.conns.capacity() > 2 * watched.conns.len() + 64 {
-                watched.conns.shrink_to_fit();
+        let send = |conn: &WeakRecipient<Beat>| match conn.upgrade() {
+            Some(conn) => {
+                conn.do_send(beat);
+                true
             }
-            watched.ticking = !watched.conns.is_empty();
-            !watched.ticking
+            None => false,
+        };
+        let ticking = WATCHED.with_borrow_mut(|watched| match beat {
+            Beat::Due => watched.beat_due(send),
+            Beat::NodeStopping => watched.beat_all(send),
         });
-        if done {
+        if !ticking {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each tick beats about a twentieth of the connections, and a full round beats each
+    /// exactly once.
+    #[test]
+    fn a_round_of_ticks_beats_every_connection_once_a_slice_at_a_time() {
+        let mut watched = Watched::default();
+        assert!(watched.add(0), "the first connection starts the ticker");
+        for conn in 1..1000 {
+            assert!(!watched.add(conn), "the ticker is already running");
+        }
+        let mut beaten = vec![0; 1000];
+        for _ in 0..SLICES {
+            let mut this_tick = 0;
+            assert!(watched.beat_due(|&conn| {
+                beaten[conn] += 1;
+                this_tick += 1;
+                true
+            }));
+            assert_eq!(this_tick, 1000 / SLICES);
+        }
+        assert!(beaten.iter().all(|&n| n == 1), "{beaten:?}");
+    }
+
+    /// A connection that is gone is dropped when its slice comes round; once none is left the
+    /// ticker stops, and the next connection starts it again.
+    #[test]
+    fn the_ticker_stops_when_every_connection_is_gone() {
+        let mut watched = Watched::default();
+        for conn in 0..(3 * SLICES) {
+            watched.add(conn);
+        }
+        for _ in 0..SLICES - 1 {
+            assert!(
+                watched.beat_due(|_| false),
+                "dead slices not yet swept remain"
+            );
+        }
+        assert!(!watched.beat_due(|_| false));
+        assert_eq!(watched.len, 0);
+        assert!(watched.add(7), "a new connection restarts it");
+    }
+
+    /// A stopping node reaches every connection in one pass.
+    #[test]
+    fn the_goodbye_reaches_every_slice_at_once() {
+        let mut watched = Watched::default();
+        for conn in 0..100 {
+            watched.add(conn);
+        }
+        let mut told = 0;
+        assert!(watched.beat_all(|_| {
+            told += 1;
+            true
+        }));
+        assert_eq!(told, 100);
     }
 }
