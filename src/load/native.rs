@@ -797,6 +797,7 @@ fn fill_report(report: &mut Report, args: &NativeArgs, results: &[ClientResult])
     report.count("acked", sum.acked, true);
     report.count("delivered", sum.delivered, true);
     report.count("skipped_window_full", sum.skipped, false);
+    report.note_shortfall(args.rate, sum.skipped);
     report.latencies.push(("ack", ack.summary()));
     report.latencies.push(("broadcast", broadcast.summary()));
     if args.edits > 0.0 {

@@ -12,6 +12,11 @@ use serde_json::{Map, Value, json};
 use super::conduct::{StopReason, Timeline};
 use super::stats::{Errors, Summary, per_second};
 
+/// How far below the asked rate a run may send before [`Report::note_shortfall`] speaks: a
+/// client's first tick falls anywhere in its first period, so a short run sends a little less
+/// than rate × time even when the generator keeps up.
+const SHORTFALL: f64 = 0.05;
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Connections {
     pub attempted: u64,
@@ -146,6 +151,38 @@ impl Report {
         })
     }
 
+    /// Says so when the clients sent clearly less than `rate_per_client` asked of them over a
+    /// run that went its whole duration: the generator fell behind its own schedule (ticks
+    /// missed for longer than `conduct::MAX_CATCH_UP` are dropped), so the target saw less
+    /// load than the parameters say, and a reader comparing runs by `--rate` would be misled.
+    /// `held_back` counts sends the clients skipped for the target's sake (a full window),
+    /// which are the target's doing, not the generator's.
+    pub fn note_shortfall(&mut self, rate_per_client: f64, held_back: u64) {
+        if self.stopped_by != StopReason::Duration || self.connections.dropped > 0 {
+            return;
+        }
+        let secs = self.elapsed.as_secs_f64();
+        let asked = rate_per_client * self.connections.opened as f64 * secs;
+        let sent = self
+            .counts
+            .iter()
+            .find(|c| c.name == "sent")
+            .map_or(0, |c| c.value)
+            + held_back;
+        if secs <= 0.0 || asked <= 0.0 || sent as f64 >= asked * (1.0 - SHORTFALL) {
+            return;
+        }
+        self.notes.push(format!(
+            "the clients sent {:.0}/s of the {:.0}/s asked ({:.0}%): the load generator fell \
+             behind its own schedule, so the target saw less load than asked (clients that \
+             connected late, or a generator short of CPU: give it cores of its own, or lower \
+             --rate or --clients)",
+            sent as f64 / secs,
+            asked / secs,
+            100.0 * sent as f64 / asked
+        ));
+    }
+
     /// The human summary: a header, then one table per kind of figure.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -257,6 +294,53 @@ fn mib(bytes: u64) -> f64 {
 mod tests {
     use super::*;
     use crate::load::stats::Latency;
+
+    fn run_of(sent: u64, opened: u64, secs: u64) -> Report {
+        let mut r = Report::new("yjs", "ws://127.0.0.1:8080/".into());
+        r.elapsed = Duration::from_secs(secs);
+        r.connections = Connections {
+            attempted: opened,
+            opened,
+            failed: 0,
+            dropped: 0,
+        };
+        r.count("sent", sent, true);
+        r
+    }
+
+    /// 100 clients asked for 1,200/s each over 20 s sent 1,837,480 (77%): the note says so,
+    /// with both rates.
+    #[test]
+    fn a_generator_behind_its_schedule_is_named() {
+        let mut r = run_of(1_837_480, 100, 20);
+        r.note_shortfall(1200.0, 0);
+        assert_eq!(r.notes.len(), 1, "{:?}", r.notes);
+        assert!(
+            r.notes[0].contains("91874/s of the 120000/s asked (77%)"),
+            "{}",
+            r.notes[0]
+        );
+        assert!(r.render().contains("fell behind its own schedule"));
+    }
+
+    /// Within the margin, sends held back by a full window, a run that stopped early, and a
+    /// run the target cut short get no such note.
+    #[test]
+    fn a_run_that_kept_its_schedule_gets_no_note() {
+        let mut close = run_of(96_000, 100, 10);
+        close.note_shortfall(100.0, 0);
+        let mut held = run_of(50_000, 100, 10);
+        held.note_shortfall(100.0, 48_000);
+        let mut counted = run_of(10, 100, 10);
+        counted.stopped_by = StopReason::Count;
+        counted.note_shortfall(100.0, 0);
+        let mut dropped = run_of(10, 100, 10);
+        dropped.connections.dropped = 3;
+        dropped.note_shortfall(100.0, 0);
+        for r in [close, held, counted, dropped] {
+            assert!(r.notes.is_empty(), "{:?}", r.notes);
+        }
+    }
 
     fn sample() -> Report {
         let mut r = Report::new("native", "ws://127.0.0.1:8080/".into());

@@ -788,6 +788,7 @@ pub async fn run(args: YjsArgs) -> Result<Report, LoadError> {
         (100 * mixed).checked_div(pairs).unwrap_or(0),
         false,
     );
+    report.note_shortfall(args.rate, 0);
     report.latencies.push(("broadcast", broadcast.summary()));
     report.convergence = Some(converge(&shared, &results));
     Ok(report)
