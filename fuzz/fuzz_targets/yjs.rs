@@ -34,7 +34,7 @@ fn report_panics_without_aborting() {
 }
 
 fn reload(name: &DocName, stored: StoredDoc, want: &str, how: &str) {
-    let mut doc = Document::load(stored)
+    let doc = Document::load(stored)
         .unwrap_or_else(|e| panic!("{how}: what the server accepted does not load: {e}"));
     assert_eq!(
         doc.summary().text,
