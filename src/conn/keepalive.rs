@@ -71,9 +71,9 @@ struct Watched<C> {
     joins: usize,
     /// The slice the next tick beats.
     due: usize,
-    /// Connections held in all slices, the dead not yet swept included.
+    /// Connections held in all slices, the dead not yet swept included. A thread's ticker runs
+    /// exactly while this is above zero.
     len: usize,
-    ticking: bool,
 }
 
 impl<C> Default for Watched<C> {
@@ -83,7 +83,6 @@ impl<C> Default for Watched<C> {
             joins: 0,
             due: 0,
             len: 0,
-            ticking: false,
         }
     }
 }
@@ -94,7 +93,7 @@ impl<C> Watched<C> {
         self.slices[self.joins].push(conn);
         self.joins = (self.joins + 1) % SLICES;
         self.len += 1;
-        !std::mem::replace(&mut self.ticking, true)
+        self.len == 1
     }
 
     /// Offers `beat` to each connection of the slice that is due, and moves on to the next;
@@ -104,7 +103,7 @@ impl<C> Watched<C> {
         let due = self.due;
         self.due = (due + 1) % SLICES;
         self.sweep(due, beat);
-        self.still_ticking()
+        self.len > 0
     }
 
     /// Offers `beat` to every connection at once (the node is stopping).
@@ -112,7 +111,7 @@ impl<C> Watched<C> {
         for slice in 0..SLICES {
             self.sweep(slice, &mut beat);
         }
-        self.still_ticking()
+        self.len > 0
     }
 
     fn sweep(&mut self, slice: usize, beat: impl FnMut(&C) -> bool) {
@@ -124,11 +123,6 @@ impl<C> Watched<C> {
         if conns.capacity() > 2 * conns.len() + 64 {
             conns.shrink_to_fit();
         }
-    }
-
-    fn still_ticking(&mut self) -> bool {
-        self.ticking = self.len > 0;
-        self.ticking
     }
 }
 
