@@ -1497,18 +1497,15 @@ impl SessionActor {
                     }
                 }
             }
-            let Some(applied) = group.applied else {
+            let mut writers = writers.into_iter();
+            let (Some(applied), Some((actor, conn))) = (group.applied, writers.next()) else {
                 continue;
             };
             // The change is attributed to the first writer; the one connection that wrote
             // all of it is not sent it back.
             let one_author = writers
-                .first()
-                .map(|(_, conn)| conn.clone())
-                .filter(|first| writers.iter().all(|(_, conn)| conn == first));
-            let Some((actor, conn)) = writers.into_iter().next() else {
-                continue;
-            };
+                .all(|(_, other)| other == conn)
+                .then(|| conn.clone());
             self.enqueue_write(
                 PendingWrite {
                     event: None,
