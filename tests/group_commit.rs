@@ -6,41 +6,21 @@ mod common;
 
 use std::time::Duration;
 
-use common::{PgDatabase, TestServer, WsClient, all_events, assert_gap_free, metric};
+use common::{
+    PgDatabase, TestServer, WsClient, all_events, assert_gap_free, metric, stored_chat,
+    stored_texts,
+};
 use conclave::protocol::SessionId;
-use conclave::session::log::{Actor, Event, EventKind, NewEvent};
 use conclave::store::{Fence, Ownership, SessionBatch, SharedStore, StoreError, StoreLocation};
 use serde_json::json;
-
-fn chat(offset: u64, text: &str) -> Event {
-    NewEvent::new(
-        EventKind::Chat,
-        Actor {
-            id: "tester".into(),
-            name: "tester".into(),
-        },
-        &json!({ "text": text }),
-    )
-    .at_offset(offset)
-}
 
 fn batch(session: &SessionId, fence: &Fence, offset: u64, text: &str) -> SessionBatch {
     SessionBatch {
         session: session.clone(),
         fence: fence.clone(),
-        events: vec![chat(offset, text)],
+        events: vec![stored_chat(offset, text)],
         updates: Vec::new(),
     }
-}
-
-async fn texts(store: &SharedStore, session: &SessionId) -> Vec<String> {
-    store
-        .events_after(session, 0, 100)
-        .await
-        .expect("events")
-        .iter()
-        .map(|e| e.data.get().to_owned())
-        .collect()
 }
 
 async fn open(location: StoreLocation) -> SharedStore {
@@ -94,12 +74,12 @@ async fn each_batch_of_a_group_is_fenced_by_its_own_lease() {
         results[1]
     );
     assert!(results[2].is_ok(), "{:?}", results[2]);
-    assert_eq!(texts(&store, &ids[0]).await.len(), 1);
+    assert_eq!(stored_texts(&store, &ids[0]).await.len(), 1);
     assert!(
-        texts(&store, &ids[1]).await.is_empty(),
+        stored_texts(&store, &ids[1]).await.is_empty(),
         "the deposed batch was written"
     );
-    assert_eq!(texts(&store, &ids[2]).await.len(), 1);
+    assert_eq!(stored_texts(&store, &ids[2]).await.len(), 1);
 }
 
 /// On both backends: a batch whose offset is taken already fails alone; the rest of its group
@@ -130,7 +110,7 @@ async fn a_failing_batch_does_not_fail_the_rest_of_its_group() {
             }
         }
         store
-            .commit_batch(&ids[1], &fences[1], &[chat(1, "first")], &[])
+            .commit_batch(&ids[1], &fences[1], &[stored_chat(1, "first")], &[])
             .await
             .expect("the first write");
 
@@ -140,7 +120,7 @@ async fn a_failing_batch_does_not_fail_the_rest_of_its_group() {
             .map(|(id, fence)| batch(id, fence, 1, "grouped"))
             .collect();
         // Two events in the first batch: both land, or neither.
-        group[0].events.push(chat(2, "grouped too"));
+        group[0].events.push(stored_chat(2, "grouped too"));
         let results = store.commit_group(&group).await;
         assert!(results[0].is_ok(), "{:?}", results[0]);
         assert!(
@@ -149,12 +129,12 @@ async fn a_failing_batch_does_not_fail_the_rest_of_its_group() {
             results[1]
         );
         assert!(results[2].is_ok(), "{:?}", results[2]);
-        assert_eq!(texts(&store, &ids[0]).await.len(), 2);
+        assert_eq!(stored_texts(&store, &ids[0]).await.len(), 2);
         assert_eq!(
-            texts(&store, &ids[1]).await,
+            stored_texts(&store, &ids[1]).await,
             vec![r#"{"text":"first"}"#.to_owned()]
         );
-        assert_eq!(texts(&store, &ids[2]).await.len(), 1);
+        assert_eq!(stored_texts(&store, &ids[2]).await.len(), 1);
     }
 }
 

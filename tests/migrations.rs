@@ -2,11 +2,13 @@
 //! schema is all there, in order, after a newer node migrates it, and the constraints the
 //! session relies on still hold.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
+use common::{stored_chat, stored_texts};
 use conclave::protocol::{DocName, SessionId};
-use conclave::session::log::{Actor, Event, EventKind, NewEvent};
 use conclave::store::{DocUpdate, Fence, Ownership, SharedStore, StoreLocation};
 use serde_json::json;
 use sqlx::migrate::Migrator;
@@ -14,18 +16,6 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 
 /// The last SQLite migration before the event and document logs moved to arrival order.
 const CLUSTERED_LOGS: i64 = 20261127000005;
-
-fn chat(offset: u64, text: &str) -> Event {
-    NewEvent::new(
-        EventKind::Chat,
-        Actor {
-            id: "writer".into(),
-            name: "Writer".into(),
-        },
-        &json!({ "text": text }),
-    )
-    .at_offset(offset)
-}
 
 fn update(doc: &DocName, seq: u64) -> DocUpdate {
     DocUpdate {
@@ -54,16 +44,6 @@ async fn table_sql(pool: &SqlitePool, table: &str) -> String {
         .fetch_one(pool)
         .await
         .expect("table definition")
-}
-
-async fn texts(store: &SharedStore, id: &SessionId) -> Vec<String> {
-    store
-        .events_after(id, 0, 1000)
-        .await
-        .expect("events")
-        .iter()
-        .map(|event| event.data.get().to_owned())
-        .collect()
 }
 
 /// Two sessions write interleaved events and document updates under the clustered schema. After
@@ -105,7 +85,7 @@ async fn logs_written_under_the_clustered_schema_survive_the_move_to_arrival_ord
                 old.commit_batch(
                     id,
                     fence,
-                    &[chat(offset, &format!("{id} {offset}"))],
+                    &[stored_chat(offset, &format!("{id} {offset}"))],
                     &[update(&doc, offset)],
                 )
                 .await
@@ -130,7 +110,7 @@ async fn logs_written_under_the_clustered_schema_survive_the_move_to_arrival_ord
         let expected: Vec<String> = (1..=40)
             .map(|offset| json!({ "text": format!("{id} {offset}") }).to_string())
             .collect();
-        assert_eq!(texts(&store, id).await, expected, "{id}");
+        assert_eq!(stored_texts(&store, id).await, expected, "{id}");
         let docs = store.load_docs(id).await.expect("docs");
         assert_eq!(docs.len(), 1);
         let seqs: Vec<u64> = docs[0].updates.iter().map(|u| u.seq).collect();
@@ -141,7 +121,7 @@ async fn logs_written_under_the_clustered_schema_survive_the_move_to_arrival_ord
     let fence = owned(&store, &ids[0]).await;
     assert!(
         store
-            .commit_batch(&ids[0], &fence, &[chat(40, "again")], &[])
+            .commit_batch(&ids[0], &fence, &[stored_chat(40, "again")], &[])
             .await
             .is_err(),
         "a taken offset was accepted after the migration"
@@ -154,7 +134,12 @@ async fn logs_written_under_the_clustered_schema_survive_the_move_to_arrival_ord
         "a taken document seq was accepted after the migration"
     );
     store
-        .commit_batch(&ids[0], &fence, &[chat(41, "new")], &[update(&doc, 41)])
+        .commit_batch(
+            &ids[0],
+            &fence,
+            &[stored_chat(41, "new")],
+            &[update(&doc, 41)],
+        )
         .await
         .expect("a write after the migration");
     let after = store.events_after(&ids[0], 39, 10).await.expect("events");

@@ -1035,3 +1035,31 @@ pub async fn metric(base: &str, name: &str, label: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A chat event at `offset`, as a session would hand it to the store.
+pub fn stored_chat(offset: u64, text: &str) -> conclave::session::log::Event {
+    use conclave::session::log::{Actor, EventKind, NewEvent};
+    NewEvent::new(
+        EventKind::Chat,
+        Actor {
+            id: "tester".into(),
+            name: "tester".into(),
+        },
+        &json!({ "text": text }),
+    )
+    .at_offset(offset)
+}
+
+/// The data of a session's first thousand events, in offset order, read straight from the store.
+pub async fn stored_texts(
+    store: &conclave::store::SharedStore,
+    session: &conclave::protocol::SessionId,
+) -> Vec<String> {
+    store
+        .events_after(session, 0, 1000)
+        .await
+        .expect("events")
+        .iter()
+        .map(|event| event.data.get().to_owned())
+        .collect()
+}
