@@ -53,11 +53,6 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            // An INSERT of many rows inside a transaction keeps a statement journal (the pages
-            // it changed, to undo it alone if a row fails), and past 64 KiB SQLite spills it to
-            // a temporary file: as many disk writes again as the WAL's. It is never read after
-            // the statement ends and needs no durability, so it stays in memory.
-            .pragma("temp_store", "memory")
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
@@ -174,6 +169,14 @@ fn event_rows<'a>(parts: &[&GroupPart<'a>]) -> Vec<(&'a SessionId, &'a Event)> {
         .collect()
 }
 
+/// How SQLite's group inserts begin. A plain multi-row INSERT in a transaction keeps a
+/// statement journal, the pages it changed, so that a failing row undoes that statement alone;
+/// past 64 KiB SQLite spills it to a temporary file, as many disk writes again as the WAL's.
+/// `OR FAIL` keeps the rows before a failing one instead, so SQLite needs no journal, and a
+/// failed insert never commits anyway: `write_group` returns the error and the transaction is
+/// dropped, rolled back whole.
+const SQLITE_INSERT_LOG: &str = "INSERT OR FAIL INTO";
+
 /// Inserts a group's events on SQLite: multi-row VALUES, in chunks that stay under its bind
 /// limit.
 async fn insert_events_sqlite(
@@ -181,9 +184,9 @@ async fn insert_events_sqlite(
     parts: &[&GroupPart<'_>],
 ) -> Result<(), StoreError> {
     for chunk in event_rows(parts).chunks(1000) {
-        let mut insert = QueryBuilder::new(
-            "INSERT INTO events (session_id, seq, kind, actor_id, actor_name, at_ms, data) ",
-        );
+        let mut insert = QueryBuilder::new(format!(
+            "{SQLITE_INSERT_LOG} events (session_id, seq, kind, actor_id, actor_name, at_ms, data) "
+        ));
         insert.push_values(chunk, |mut row, (session, event)| {
             row.push_bind(session.as_str())
                 .push_bind(from_offset(event.offset))
@@ -294,7 +297,7 @@ macro_rules! check_fence {
 }
 
 macro_rules! sql_store {
-    ($store:ty, $backend:literal, $migrator:expr, $row:ty, begin_write: $begin:literal, skip_locked: $lock:literal, insert_events: $insert_events:ident, held_fences: $held_fences:ident, shared: $shared:literal) => {
+    ($store:ty, $backend:literal, $migrator:expr, $row:ty, begin_write: $begin:literal, skip_locked: $lock:literal, insert_events: $insert_events:ident, insert_log: $insert_log:expr, held_fences: $held_fences:ident, shared: $shared:literal) => {
         impl $store {
             /// Writes a group of sessions' batches in one transaction, each only if its fence
             /// holds, and says which did.
@@ -310,7 +313,7 @@ macro_rules! sql_store {
                     .collect();
                 for chunk in updates.chunks(1000) {
                     let mut insert =
-                        QueryBuilder::new("INSERT INTO doc_updates (session_id, doc, seq, version, data) ");
+                        QueryBuilder::new(format!("{} doc_updates (session_id, doc, seq, version, data) ", $insert_log));
                     insert.push_values(chunk, |mut row, (session, update)| {
                         row.push_bind(session.as_str())
                             .push_bind(update.doc.as_str())
@@ -1048,6 +1051,7 @@ sql_store!(
     begin_write: "BEGIN IMMEDIATE",
     skip_locked: "",
     insert_events: insert_events_sqlite,
+    insert_log: SQLITE_INSERT_LOG,
     held_fences: held_fences_sqlite,
     shared: false
 );
@@ -1059,28 +1063,7 @@ sql_store!(
     begin_write: "BEGIN",
     skip_locked: " FOR UPDATE OF t SKIP LOCKED",
     insert_events: insert_events_pg,
+    insert_log: "INSERT INTO",
     held_fences: held_fences_pg,
     shared: true
 );
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every SQLite connection, reader or writer, keeps temporary data in memory. On disk, the
-    /// statement journal of a group's insert cost as many writes as the WAL itself.
-    #[tokio::test]
-    async fn sqlite_keeps_temporary_data_in_memory() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::connect(&dir.path().join("temp.sqlite3"))
-            .await
-            .expect("store");
-        for pool in [&store.pool, &store.writer] {
-            let mode: i64 = sqlx::query_scalar("PRAGMA temp_store")
-                .fetch_one(pool)
-                .await
-                .expect("pragma");
-            assert_eq!(mode, 2, "temp_store is not MEMORY");
-        }
-    }
-}
