@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    PgDatabase, TestServer, WsClient, all_events, assert_gap_free, metric, stored_chat,
-    stored_texts,
+    PgDatabase, TestServer, WsClient, all_events, assert_gap_free, metric, owned_session,
+    stored_chat, stored_texts,
 };
 use conclave::protocol::SessionId;
 use conclave::store::{Fence, Ownership, SessionBatch, SharedStore, StoreError, StoreLocation};
@@ -42,11 +42,7 @@ async fn each_batch_of_a_group_is_fenced_by_its_own_lease() {
         .collect();
     let mut fences = Vec::new();
     for id in &ids {
-        store.open_session(id).await.expect("session");
-        match store.acquire_session(id, "a", ttl).await.expect("acquire") {
-            Ownership::Acquired(fence) => fences.push(fence),
-            other => panic!("not acquired: {other:?}"),
-        }
+        fences.push(owned_session(&store, id).await);
     }
     store
         .release_session(&ids[1], &fences[1])
@@ -99,15 +95,7 @@ async fn a_failing_batch_does_not_fail_the_rest_of_its_group() {
             .map(|name| SessionId::parse(name).expect("id"))
             .collect();
         for id in &ids {
-            store.open_session(id).await.expect("session");
-            match store
-                .acquire_session(id, "a", Duration::from_secs(30))
-                .await
-                .expect("acquire")
-            {
-                Ownership::Acquired(fence) => fences.push(fence),
-                other => panic!("not acquired: {other:?}"),
-            }
+            fences.push(owned_session(&store, id).await);
         }
         store
             .commit_batch(&ids[1], &fences[1], &[stored_chat(1, "first")], &[])

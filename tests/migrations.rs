@@ -5,11 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
-use common::{stored_chat, stored_texts};
+use common::{owned_session, stored_chat, stored_texts};
 use conclave::protocol::{DocName, SessionId};
-use conclave::store::{DocUpdate, Fence, Ownership, SharedStore, StoreLocation};
+use conclave::store::{DocUpdate, StoreLocation};
 use serde_json::json;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
@@ -23,18 +22,6 @@ fn update(doc: &DocName, seq: u64) -> DocUpdate {
         seq,
         version: seq,
         data: vec![seq as u8; 3],
-    }
-}
-
-async fn owned(store: &SharedStore, id: &SessionId) -> Fence {
-    store.open_session(id).await.expect("session");
-    match store
-        .acquire_session(id, "node", Duration::from_secs(30))
-        .await
-        .expect("acquire")
-    {
-        Ownership::Acquired(fence) => fence,
-        other => panic!("not acquired: {other:?}"),
     }
 }
 
@@ -79,7 +66,10 @@ async fn logs_written_under_the_clustered_schema_survive_the_move_to_arrival_ord
         let old = conclave::store::connect(&location)
             .await
             .expect("old store");
-        let fences = [owned(&old, &ids[0]).await, owned(&old, &ids[1]).await];
+        let fences = [
+            owned_session(&old, &ids[0]).await,
+            owned_session(&old, &ids[1]).await,
+        ];
         for offset in 1..=40 {
             for (id, fence) in ids.iter().zip(&fences) {
                 old.commit_batch(
@@ -118,7 +108,7 @@ async fn logs_written_under_the_clustered_schema_survive_the_move_to_arrival_ord
         assert_eq!(docs[0].updates[6].data, vec![7u8; 3]);
     }
 
-    let fence = owned(&store, &ids[0]).await;
+    let fence = owned_session(&store, &ids[0]).await;
     assert!(
         store
             .commit_batch(&ids[0], &fence, &[stored_chat(40, "again")], &[])

@@ -1063,3 +1063,19 @@ pub async fn stored_texts(
         .map(|event| event.data.get().to_owned())
         .collect()
 }
+
+/// Opens `session` in `store` and takes its lease as node `a` for 30 s, as its owner would.
+pub async fn owned_session(
+    store: &conclave::store::SharedStore,
+    session: &conclave::protocol::SessionId,
+) -> conclave::store::Fence {
+    store.open_session(session).await.expect("session");
+    match store
+        .acquire_session(session, "a", Duration::from_secs(30))
+        .await
+        .expect("acquire")
+    {
+        conclave::store::Ownership::Acquired(fence) => fence,
+        other => panic!("not acquired: {other:?}"),
+    }
+}
