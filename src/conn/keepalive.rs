@@ -71,9 +71,6 @@ struct Watched<C> {
     joins: usize,
     /// The slice the next tick beats.
     due: usize,
-    /// Connections held in all slices, the dead not yet swept included. A thread's ticker runs
-    /// exactly while this is above zero.
-    len: usize,
 }
 
 impl<C> Default for Watched<C> {
@@ -82,18 +79,22 @@ impl<C> Default for Watched<C> {
             slices: std::iter::repeat_with(Vec::new).take(SLICES).collect(),
             joins: 0,
             due: 0,
-            len: 0,
         }
     }
 }
 
 impl<C> Watched<C> {
+    /// Connections held in all slices, the dead not yet swept included. A thread's ticker runs
+    /// exactly while this is above zero.
+    fn len(&self) -> usize {
+        self.slices.iter().map(Vec::len).sum()
+    }
+
     /// Adds a connection; true when the ticker is not running and must be started.
     fn add(&mut self, conn: C) -> bool {
         self.slices[self.joins].push(conn);
         self.joins = (self.joins + 1) % SLICES;
-        self.len += 1;
-        self.len == 1
+        self.len() == 1
     }
 
     /// Offers `beat` to each connection of the slice that is due, and moves on to the next;
@@ -103,7 +104,7 @@ impl<C> Watched<C> {
         let due = self.due;
         self.due = (due + 1) % SLICES;
         self.sweep(due, beat);
-        self.len > 0
+        self.len() > 0
     }
 
     /// Offers `beat` to every connection at once (the node is stopping).
@@ -111,14 +112,12 @@ impl<C> Watched<C> {
         for slice in 0..SLICES {
             self.sweep(slice, &mut beat);
         }
-        self.len > 0
+        self.len() > 0
     }
 
     fn sweep(&mut self, slice: usize, beat: impl FnMut(&C) -> bool) {
         let conns = &mut self.slices[slice];
-        let before = conns.len();
         conns.retain(beat);
-        self.len -= before - conns.len();
         // A burst of sockets that has since closed must not pin its slots.
         if conns.capacity() > 2 * conns.len() + 64 {
             conns.shrink_to_fit();
@@ -238,7 +237,7 @@ mod tests {
             );
         }
         assert!(!watched.beat_due(|_| false));
-        assert_eq!(watched.len, 0);
+        assert_eq!(watched.len(), 0);
         assert!(watched.add(7), "a new connection restarts it");
     }
 
