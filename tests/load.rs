@@ -77,9 +77,21 @@ fn native(url: &str, extra: &[&str]) -> Value {
 #[test]
 fn native_load_is_fully_accounted_for_and_converges() {
     let server = TestServer::sqlite();
-    let report = native(&base(&server), &[]);
+    // The node runs in this test's process, so that is the pid whose CPU the report gives.
+    let pid = std::process::id().to_string();
+    let report = native(&base(&server), &["--pid", &pid]);
     assert_accounted(&report, 6, 120);
     assert_eq!(report["counts"]["acked"], 120, "{report}");
+    let cpu = &report["cpu"];
+    assert_eq!(
+        cpu["server_pid"].as_u64(),
+        Some(u64::from(std::process::id()))
+    );
+    // A run of about a second is a few 10 ms ticks of CPU: present and sane, not a figure.
+    for busy in ["server_cores", "load_generator_cores"] {
+        let cores = cpu[busy].as_f64().unwrap_or(-1.0);
+        assert!((0.0..64.0).contains(&cores), "{busy}: {cpu}");
+    }
 }
 
 /// Clients of each session on two nodes of one cluster: the node that does not own a session

@@ -139,6 +139,11 @@ async fn bad_flags_are_refused_at_once_with_a_clear_error() {
             &["native", "--url", "ftp://127.0.0.1:1/"],
             &["invalid --url", "ftp://127.0.0.1:1/"],
         ),
+        // No process has this pid (above the kernel's pid_max), so no CPU can be read for it.
+        (
+            &["yjs", "--pid", "4294967295"],
+            &["--pid 4294967295", "cannot read /proc/4294967295/stat"],
+        ),
     ];
     for (list, expected) in cases {
         let args = args(list);

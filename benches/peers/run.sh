@@ -275,19 +275,19 @@ if has "$SCENARIOS" yjs; then
             if has "$YJS_TARGETS" conclave; then
                 start_conclave "yjs-conclave-$name"
                 load "yjs-conclave-$name" yjs --url "ws://127.0.0.1:$conclave_port/v1/yjs" \
-                    "${args[@]}"
+                    --pid "$server_pid" "${args[@]}"
                 stop_server
             fi
             if has "$YJS_TARGETS" y-websocket; then
                 start_ywebsocket "yjs-y-websocket-$name"
                 load "yjs-y-websocket-$name" yjs --url "ws://127.0.0.1:$ywebsocket_port" \
-                    "${args[@]}"
+                    --pid "$server_pid" "${args[@]}"
                 stop_server
             fi
             if has "$YJS_TARGETS" hocuspocus; then
                 start_hocuspocus "yjs-hocuspocus-$name"
                 load "yjs-hocuspocus-$name" yjs --url "ws://127.0.0.1:$hocuspocus_port" \
-                    --framing hocuspocus "${args[@]}"
+                    --framing hocuspocus --pid "$server_pid" "${args[@]}"
                 stop_server
             fi
         done
@@ -316,7 +316,8 @@ fi
 
 if has "$SCENARIOS" tasks; then
     start_conclave tasks-conclave
-    load tasks-conclave tasks --url "ws://127.0.0.1:$conclave_port" --count "$TASKS_COUNT" \
+    load tasks-conclave tasks --url "ws://127.0.0.1:$conclave_port" --pid "$server_pid" \
+        --count "$TASKS_COUNT" \
         --workers "$TASKS_WORKERS" --capacity "$TASKS_CAPACITY" \
         --submitters "$TASKS_SUBMITTERS" --window "$TASKS_WINDOW" --timeout 60s
     stop_server

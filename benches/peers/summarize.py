@@ -48,6 +48,12 @@ def num(value, digits=0):
     return f"{value:,.{digits}f}"
 
 
+def cores(report):
+    """The server's and the load generator's cores over the measured phase (`--pid`)."""
+    cpu = (report or {}).get("cpu") or {}
+    return f"{num(cpu.get('server_cores'), 2)} / {num(cpu.get('load_generator_cores'), 2)}"
+
+
 def status(report, meta):
     """What went wrong, if anything: exit status, errors by code, failed convergence."""
     notes = []
@@ -105,10 +111,10 @@ def yjs_table(run, out):
         "update is a CRDT item of its own\n"
     )
     out.append(
-        "| server | typing | R | deliveries/s | broadcast p50 | p99 | max | sent/s | load avg "
-        "| result |"
+        "| server | typing | R | deliveries/s | broadcast p50 | p99 | max | sent/s "
+        "| cores: server / load | load avg | result |"
     )
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for typing, rate in pairs:
         for name, label in YJS:
             found = read(run, f"{name}-{typing}-r{rate}")
@@ -117,7 +123,7 @@ def yjs_table(run, out):
             report, meta = found
             if report is None:
                 out.append(
-                    f"| {label} | {typing} | {rate} | – | – | – | – | – | {load(meta)} "
+                    f"| {label} | {typing} | {rate} | – | – | – | – | – | – | {load(meta)} "
                     f"| {status(report, meta)} |"
                 )
                 continue
@@ -126,7 +132,7 @@ def yjs_table(run, out):
                 f"| {label} | {typing} | {rate} | {num(report['rates'].get('delivered_per_s'))} "
                 f"| {num(broadcast.get('p50_ms'), 1)} ms | {num(broadcast.get('p99_ms'), 1)} ms "
                 f"| {num(broadcast.get('max_ms'), 1)} ms | {num(report['rates'].get('sent_per_s'))} "
-                f"| {load(meta)} | {status(report, meta)} |"
+                f"| {cores(report)} | {load(meta)} | {status(report, meta)} |"
             )
     out.append("")
 

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
+use super::cpu::{CpuSample, CpuUse};
 use super::progress::{Live, Progress, Track};
 use super::report::Connections;
 use super::stats::{Errors, now_us};
@@ -254,6 +255,8 @@ pub struct Plan<'a> {
     pub drain_phase: bool,
     /// Set to `now_us()` as the measured phase begins: older timestamps are not latencies.
     pub run_start_us: &'a AtomicU64,
+    /// The server's pid (`--pid`), whose CPU use is measured beside the load generator's.
+    pub server_pid: Option<u32>,
 }
 
 /// How the timeline went.
@@ -263,6 +266,8 @@ pub struct Timeline {
     pub elapsed: Duration,
     /// Waits that ran out, for the report.
     pub notes: Vec<String>,
+    /// CPU use over the measured phase (`None`: the run stopped before it).
+    pub cpu: Option<CpuUse>,
 }
 
 impl Conductor {
@@ -280,6 +285,7 @@ impl Conductor {
             notes.push("some clients were still connecting when the measured phase began".into());
         }
         let mut elapsed = Duration::ZERO;
+        let mut cpu = None;
         let stopped_by =
             if plan.live.connected.load(Ordering::Relaxed) == 0 || ready == Waited::Interrupted {
                 StopReason::Interrupted
@@ -287,6 +293,7 @@ impl Conductor {
                 plan.run_start_us.store(now_us(), Ordering::Relaxed);
                 self.set(Phase::Run);
                 let started = Instant::now();
+                let cpu_start = CpuSample::take(plan.server_pid);
                 match plan.run_track {
                     Some((len, track)) => plan.progress.stage("run", len, track),
                     None => plan.progress.stage(
@@ -297,6 +304,7 @@ impl Conductor {
                 }
                 let reason = self.measure(plan.bound, plan.done, &plan.essential).await;
                 elapsed = started.elapsed();
+                cpu = Some(CpuSample::take(plan.server_pid).since(&cpu_start));
                 if reason == StopReason::Dropped {
                     notes.push(format!(
                         "the target ended the connections the run needs {:.1} s into the \
@@ -322,6 +330,7 @@ impl Conductor {
             stopped_by,
             elapsed,
             notes,
+            cpu,
         }
     }
 }
@@ -416,6 +425,7 @@ pub async fn run_senders<T: Outcome + Send + 'static>(
         drain: common.drain,
         drain_phase: true,
         run_start_us,
+        server_pid: common.pid,
     };
     let timeline = conductor.run(plan, ready).await;
     let results = gather(handles, close_limit(common), progress).await?;

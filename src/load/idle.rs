@@ -51,9 +51,6 @@ pub struct IdleArgs {
     /// session by default).
     #[arg(long, default_value_t = 100)]
     pub sessions: usize,
-    /// The server's process id: resident memory is read from /proc/PID/status.
-    #[arg(long)]
-    pub pid: Option<u32>,
     /// How long to hold the sockets once all are open.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -301,7 +298,7 @@ pub async fn run(args: IdleArgs) -> Result<Report, LoadError> {
     });
     let target = Target::resolve(raw_url, common.token.clone(), common.allow_remote).await?;
     let http = reqwest::Client::builder().timeout(common.timeout).build()?;
-    let source = match args.pid {
+    let source = match common.pid {
         Some(pid) => MemorySource::Proc(pid),
         None => MemorySource::Metrics(target.http("/metrics")),
     };
@@ -363,6 +360,7 @@ pub async fn run(args: IdleArgs) -> Result<Report, LoadError> {
                 drain: common.drain,
                 drain_phase: false,
                 run_start_us: &run_start,
+                server_pid: common.pid,
             },
             ready,
         )

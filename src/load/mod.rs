@@ -18,6 +18,7 @@
 //! loopback are refused unless `--allow-remote` is given ([`target`]).
 
 pub mod conduct;
+pub mod cpu;
 pub mod framing;
 pub mod idle;
 pub mod native;
@@ -60,6 +61,17 @@ pub enum Scenario {
     Idle(idle::IdleArgs),
 }
 
+impl Scenario {
+    fn common(&self) -> &CommonArgs {
+        match self {
+            Self::Native(a) => &a.common,
+            Self::Yjs(a) => &a.common,
+            Self::Tasks(a) => &a.common,
+            Self::Idle(a) => &a.common,
+        }
+    }
+}
+
 /// The options every scenario takes.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
@@ -89,6 +101,11 @@ pub struct CommonArgs {
     /// Session name prefix. Default: `load-<random>`, fresh sessions for each run.
     #[arg(long)]
     pub prefix: Option<String>,
+    /// The server's process id, on this machine: the report gives its CPU use over the
+    /// measured phase beside the load generator's, and `idle` reads its resident memory from
+    /// /proc/PID/status.
+    #[arg(long)]
+    pub pid: Option<u32>,
 }
 
 impl CommonArgs {
@@ -166,28 +183,24 @@ pub enum LoadError {
 /// target ended every connection, prints its report and then returns [`LoadError::NotConverged`]
 /// or [`LoadError::TargetDropped`], so scripts see a failing exit status.
 pub fn run(args: LoadArgs) -> Result<(), LoadError> {
+    if let Some(pid) = args.scenario.common().pid
+        && !cpu::readable(pid)
+    {
+        return Err(LoadError::InvalidArgs(format!(
+            "--pid {pid}: cannot read /proc/{pid}/stat; give the pid of the server, on this machine"
+        )));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(LoadError::Runtime)?;
-    let (mut report, json) = runtime.block_on(async move {
+    let json = args.scenario.common().json;
+    let mut report = runtime.block_on(async move {
         match args.scenario {
-            Scenario::Native(a) => {
-                let json = a.common.json;
-                native::run(a).await.map(|r| (r, json))
-            }
-            Scenario::Yjs(a) => {
-                let json = a.common.json;
-                yjs::run(a).await.map(|r| (r, json))
-            }
-            Scenario::Tasks(a) => {
-                let json = a.common.json;
-                tasks::run(a).await.map(|r| (r, json))
-            }
-            Scenario::Idle(a) => {
-                let json = a.common.json;
-                idle::run(a).await.map(|r| (r, json))
-            }
+            Scenario::Native(a) => native::run(a).await,
+            Scenario::Yjs(a) => yjs::run(a).await,
+            Scenario::Tasks(a) => tasks::run(a).await,
+            Scenario::Idle(a) => idle::run(a).await,
         }
     })?;
     if report.errors.counts.contains_key("rate_limited") {

@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::conduct::{StopReason, Timeline};
+use super::cpu::CpuUse;
 use super::stats::{Errors, Summary, per_second};
 
 /// How far below the asked rate a run may send before [`Report::note_shortfall`] speaks: a
@@ -69,6 +70,8 @@ pub struct Report {
     pub errors: Errors,
     pub convergence: Option<Convergence>,
     pub memory: Option<Memory>,
+    /// Cores used over the measured phase, by the load generator and (with `--pid`) the server.
+    pub cpu: Option<CpuUse>,
     pub notes: Vec<String>,
 }
 
@@ -86,6 +89,7 @@ impl Report {
             errors: Errors::default(),
             convergence: None,
             memory: None,
+            cpu: None,
             notes: Vec::new(),
         }
     }
@@ -96,6 +100,7 @@ impl Report {
             stopped_by: timeline.stopped_by,
             elapsed: timeline.elapsed,
             notes: timeline.notes,
+            cpu: timeline.cpu,
             ..Self::new(scenario, url)
         }
     }
@@ -147,6 +152,7 @@ impl Report {
             "error_samples": self.errors.samples,
             "convergence": self.convergence,
             "memory": self.memory,
+            "cpu": self.cpu,
             "notes": self.notes,
         })
     }
@@ -213,6 +219,9 @@ impl Report {
             c.failed,
             c.attempted
         );
+        if let Some(cpu) = &self.cpu {
+            let _ = writeln!(out, "  {}", cpu_line(cpu));
+        }
         if !self.counts.is_empty() {
             let _ = writeln!(out, "\n  {:<22} {:>12} {:>12}", "count", "total", "per s");
             for count in &self.counts {
@@ -288,6 +297,20 @@ impl Report {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// "cpu over the measured phase: load generator 0.70 cores, server (pid 42) 1.22 cores", with
+/// "unknown" for a figure `/proc` did not give and a hint where no pid was given.
+fn cpu_line(cpu: &CpuUse) -> String {
+    let cores = |c: Option<f64>| c.map_or("unknown".to_owned(), |c| format!("{c:.2} cores"));
+    let server = match cpu.server_pid {
+        Some(pid) => format!("server (pid {pid}) {}", cores(cpu.server_cores)),
+        None => "server unknown (give --pid)".to_owned(),
+    };
+    format!(
+        "cpu over the measured phase: load generator {}, {server}",
+        cores(cpu.load_generator_cores)
+    )
 }
 
 #[cfg(test)]

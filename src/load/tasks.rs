@@ -573,6 +573,7 @@ pub async fn run(args: TasksArgs) -> Result<Report, LoadError> {
                 drain: common.drain,
                 drain_phase: false,
                 run_start_us: &ctx.run_start_us,
+                server_pid: common.pid,
             },
             ready,
         )
@@ -767,6 +768,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             drain: Duration::from_secs(5),
             prefix: None,
+            pid: None,
         };
         let args = TasksArgs {
             common,
